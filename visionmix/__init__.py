@@ -1,4 +1,4 @@
 """visionmix: efficient-attention vision and video backbones for timm, on Triton kernels."""
 __version__ = '0.1.0'
 
-from . import kernels  # noqa: E402,F401
+from . import kernels, layers, models  # noqa: E402,F401  (importing models registers them with timm)

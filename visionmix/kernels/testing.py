@@ -39,7 +39,8 @@ def assert_close(
     rel = rel_rms_error(a, e)
     if abs_err <= atol or rel <= ratio:
         return
-    raise AssertionError(f"{name}: relative RMS error {rel:.3e} > {ratio:.1e} and max abs error {abs_err:.3e} > {atol:.1e}")
+    raise AssertionError(
+        f"{name}: relative RMS error {rel:.3e} > {ratio:.1e} and max abs error {abs_err:.3e} > {atol:.1e}")
 
 
 def compare_forward_backward(

@@ -35,7 +35,7 @@ def _window(xg, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexp
 
 @triton.jit
 def _na_fwd_kernel(
-        Q, Kt, V, RPB, O, LSE,
+        Q, Kt, V, RPB, Out, LSE,
         sq_b, sq_0, sq_1, sq_2, sq_h,
         sk_b, sk_0, sk_1, sk_2, sk_h,
         sv_b, sv_0, sv_1, sv_2, sv_h,
@@ -145,9 +145,9 @@ def _na_fwd_kernel(
     xo0 = xq0 * D0 + g0
     xo1 = xq1 * D1 + g1
     xo2 = xq2 * D2 + g2
-    o_ptrs = (O + b * so_b + h * so_h + xo0[:, None] * so_0 + xo1[:, None] * so_1 + xo2[:, None] * so_2
+    o_ptrs = (Out + b * so_b + h * so_h + xo0[:, None] * so_0 + xo1[:, None] * so_1 + xo2[:, None] * so_2
               + offs_dv[None, :])
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + b * sl_b + h + xo0 * sl_0 + xo1 * sl_1 + xo2 * sl_2, lse, mask=q_valid)
 
 

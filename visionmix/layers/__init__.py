@@ -1,0 +1,9 @@
+"""nn.Modules built on visionmix kernels, shared by several model families."""
+from .neighborhood_attention import (
+    NeighborhoodAttention,
+    NeighborhoodAttention1D,
+    NeighborhoodAttention2D,
+    NeighborhoodAttention3D,
+)
+
+__all__ = ['NeighborhoodAttention', 'NeighborhoodAttention1D', 'NeighborhoodAttention2D', 'NeighborhoodAttention3D']
