@@ -54,4 +54,4 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
 
 
 def triton_dtype_ok(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16, torch.float32) or (interpreter_mode() and dtype == torch.float64)
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -67,15 +67,22 @@ class NeighborhoodAttention(nn.Module):
         return (f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'dilation={self.dilation}, is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}')
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.rank + 2:
-            raise ValueError(f"x must be channels-last [B, {', '.join('XYZ'[:self.rank])}, C] for "
-                             f"{type(self).__name__}, got shape {tuple(x.shape)}")
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+    @torch.jit.ignore
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``[B, *spatial, 3 * C]`` projections -> ``[B, *spatial, C]`` attention output (kept out of TorchScript)."""
+        rank = len(self.kernel_size)  # not self.rank: a scripted module calls this with only its attributes
+        if qkv.dim() != rank + 2:
+            raise ValueError(f"x must be channels-last [B, {', '.join('XYZ'[:rank])}, C] for "
+                             f"{rank}-D neighborhood attention, got {qkv.dim()} dims")
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        rpb = self.rpb.to(q.dtype) if self.rpb is not None else None  # under autocast q is half, the bias is not
         x = neighborhood_attention(
-            q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, rpb=self.rpb, scale=self.scale)
-        x = self.proj(x.flatten(-2))
-        return self.proj_drop(x)
+            q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, rpb=rpb, scale=self.scale)
+        return x.flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._attend(self.qkv(x))
+        return self.proj_drop(self.proj(x))
 
 
 @register_notrace_module

@@ -22,8 +22,8 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 def _per_axis(name: str, value, rank: int, kind=int) -> List:
     if isinstance(value, (list, tuple)):
         if len(value) != rank:
-            raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {rank} values (one per spatial axis), "
-                             f"got {value!r}")
+            raise ValueError(f"{name} must be {'a bool' if kind is bool else 'an int'} or a tuple of {rank} values "
+                             f"(one per spatial axis), got {value!r}")
         values = list(value)
     else:
         values = [value] * rank
@@ -112,7 +112,7 @@ def _na_forward_op(
     if backend == 'triton':
         return _triton_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
     out, lse = na_forward_reference(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale)
-    return out, lse.float() if q.dtype != torch.float64 else lse
+    return out.contiguous(), (lse.float() if q.dtype != torch.float64 else lse).contiguous()
 
 
 @_na_forward_op.register_fake
@@ -129,13 +129,14 @@ def _na_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, drpb = na_backward_reference(
         dout, dlse, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, rpb, scale)
-    return dq, dk, dv, (drpb if drpb is not None else q.new_zeros(0))
+    grads = (dq, dk, dv, drpb if drpb is not None else q.new_zeros(0))
+    return tuple(g.contiguous() for g in grads)
 
 
 @_na_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
-    drpb = torch.empty_like(rpb) if rpb is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+    drpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb
 
 
 def _setup_context(ctx, inputs, output):

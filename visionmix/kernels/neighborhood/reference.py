@@ -108,25 +108,38 @@ def neighbourhood_mask(spatial, kernel_size, stride, dilation, is_causal, device
     return mask
 
 
-def _gather_bias(rpb: torch.Tensor, rel: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """``rpb [H, 2K0-1, ...]`` -> ``[N, H, KK]``."""
-    return rpb[(slice(None),) + rel].permute(1, 0, 2)
+def _split_heads(x: torch.Tensor, rank: int, heads_kv: int) -> torch.Tensor:
+    """``[B, *spatial, H, D]`` -> ``[B, heads_kv, H // heads_kv, N, D]`` (a view where possible)."""
+    B, H, D = x.shape[0], x.shape[-2], x.shape[-1]
+    return x.reshape(B, -1, heads_kv, H // heads_kv, D).permute(0, 2, 3, 1, 4)
 
 
-def _logits(q, k, idx, valid, rel, rpb, scale):
-    B, N, Hq, D = q.shape
-    Hkv = k.shape[2]
-    k_nb = k[:, idx]  # [B, N, KK, Hkv, D]
-    if Hkv != Hq:
-        k_nb = k_nb.repeat_interleave(Hq // Hkv, dim=3)
-    s = torch.einsum('bnhd,bnkhd->bnhk', q * scale, k_nb)
+def _merge_heads(x: torch.Tensor, shape) -> torch.Tensor:
+    """``[B, heads_kv, G, N, D]`` -> ``[B, *spatial, heads_kv * G, D]``."""
+    B, Hkv, G, N, D = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(*shape[:-1], D)
+
+
+def _probabilities(qh, k_nb, idx, valid, rel, rpb, scale):
+    """Scaled logits (+ bias), masked: ``[B, Hkv, G, N, KK]``."""
+    s = torch.matmul(qh.unsqueeze(-2), k_nb.transpose(-1, -2)).squeeze(-2) * scale
     if rpb is not None:
-        s = s + _gather_bias(rpb, rel).to(s.dtype)
-    return s.masked_fill(~valid[None, :, None, :], float('-inf'))
+        B, Hkv, G, N, KK = s.shape
+        s = s + rpb[(slice(None),) + rel].reshape(Hkv, G, N, KK).to(s.dtype)
+    return s.masked_fill(~valid, float('-inf'))
 
 
-def _flatten(x: torch.Tensor, rank: int) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1, *x.shape[rank + 1:])
+def _prepare(q, k, v, kernel_size, stride, dilation, is_causal, scale):
+    rank = q.dim() - 3
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    idx, valid, rel = neighbourhood(q.shape[1:1 + rank], kernel_size, stride, dilation, is_causal, q.device)
+    heads_kv = k.shape[-2]
+    qh = _split_heads(q.to(acc), rank, heads_kv)
+    kh, vh = (_split_heads(t.to(acc), rank, heads_kv)[:, :, 0] for t in (k, v))  # [B, Hkv, N, D]
+    k_nb = kh[:, :, idx].unsqueeze(2)  # [B, Hkv, 1, N, KK, D]
+    v_nb = vh[:, :, idx].unsqueeze(2)
+    return rank, scale, acc, idx, valid, rel, qh, k_nb, v_nb
 
 
 def na_forward_reference(
@@ -145,22 +158,14 @@ def na_forward_reference(
     Differentiable through autograd. Low-precision inputs are computed in float32 and cast back;
     ``lse`` (natural log) is float32, or float64 for float64 inputs.
     """
-    rank = q.dim() - 3
-    spatial = q.shape[1:1 + rank]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    idx, valid, rel = neighbourhood(spatial, kernel_size, stride, dilation, is_causal, q.device)
-    qf, kf, vf = (_flatten(t, rank).to(acc) for t in (q, k, v))
-    s = _logits(qf, kf, idx, valid, rel, rpb, scale)
+    rank, scale, acc, idx, valid, rel, qh, k_nb, v_nb = _prepare(
+        q, k, v, kernel_size, stride, dilation, is_causal, scale)
+    s = _probabilities(qh, k_nb, idx, valid, rel, rpb, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key give zeros
-    v_nb = vf[:, idx]
-    Hq, Hkv = qf.shape[2], vf.shape[2]
-    if Hkv != Hq:
-        v_nb = v_nb.repeat_interleave(Hq // Hkv, dim=3)
-    out = torch.einsum('bnhk,bnkhd->bnhd', p, v_nb)
-    out = out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
-    return out, lse.reshape(q.shape[:-1])
+    out = torch.matmul(p.unsqueeze(-2), v_nb).squeeze(-2)
+    out = _merge_heads(out, (*q.shape[:-1], v.shape[-1])).to(q.dtype)
+    return out, _merge_heads(lse.unsqueeze(-1), (*q.shape[:-1], 1)).squeeze(-1)
 
 
 def na_backward_reference(
@@ -179,42 +184,36 @@ def na_backward_reference(
         scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Closed-form softmax backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, drpb)``."""
-    rank = q.dim() - 3
-    spatial = q.shape[1:1 + rank]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    idx, valid, rel = neighbourhood(spatial, kernel_size, stride, dilation, is_causal, q.device)
-    qf, kf, vf, of, dof = (_flatten(t, rank).to(acc) for t in (q, k, v, out, dout))
-    B, N, Hq, D = qf.shape
-    Hkv = kf.shape[2]
-    group = Hq // Hkv
-    lse_f = lse.reshape(B, N, Hq).to(acc)
-    p = torch.exp(_logits(qf, kf, idx, valid, rel, rpb, scale) - lse_f[..., None]).nan_to_num(0.0)
-    v_nb = vf[:, idx]
-    k_nb = kf[:, idx]
-    if group > 1:
-        v_nb = v_nb.repeat_interleave(group, dim=3)
-        k_nb = k_nb.repeat_interleave(group, dim=3)
-    dp = torch.einsum('bnhd,bnkhd->bnhk', dof, v_nb)
-    delta = (dof * of).sum(-1, keepdim=True)
+    rank, scale, acc, idx, valid, rel, qh, k_nb, v_nb = _prepare(
+        q, k, v, kernel_size, stride, dilation, is_causal, scale)
+    heads_kv = k.shape[-2]
+    lse_h = _split_heads(lse.unsqueeze(-1), rank, heads_kv).to(acc)
+    p = torch.exp(_probabilities(qh, k_nb, idx, valid, rel, rpb, scale) - lse_h).nan_to_num(0.0)
+    do_h = _split_heads(dout.to(acc), rank, heads_kv)
+    delta = (do_h * _split_heads(out.to(acc), rank, heads_kv)).sum(-1, keepdim=True)
     if dlse is not None:
-        delta = delta - dlse.reshape(B, N, Hq, 1).to(acc)
-    ds = p * (dp - delta)
-    dq = torch.einsum('bnhk,bnkhd->bnhd', ds, k_nb) * scale
+        delta = delta - _split_heads(dlse.unsqueeze(-1), rank, heads_kv).to(acc)
+    dp = torch.matmul(do_h.unsqueeze(-2), v_nb.transpose(-1, -2)).squeeze(-2)
+    ds = p * (dp - delta)  # [B, Hkv, G, N, KK]
+    dq = torch.matmul(ds.unsqueeze(-2), k_nb).squeeze(-2) * scale
+    B, Hkv, G, N, KK = ds.shape
 
-    def scatter(per_slot):  # [B, N, KK, Hq, X] -> [B, N, Hkv, X], summed over query heads of a kv head
-        per_slot = per_slot.reshape(B, N * idx.shape[1], Hkv, group, -1).sum(3)
-        dst = per_slot.new_zeros(B, N, Hkv, per_slot.shape[-1])
-        return dst.index_add_(1, idx.reshape(-1), per_slot)
+    def scatter(weights, rows):  # sum_{queries, slots} weights * rows into the attended keys: [B, Hkv, N, X]
+        per_slot = torch.matmul(weights.unsqueeze(-1), rows.unsqueeze(-2)).sum(2)  # [B, Hkv, N, KK, X]
+        dst = per_slot.new_zeros(B, Hkv, N, per_slot.shape[-1])
+        return dst.index_add_(2, idx.reshape(-1), per_slot.reshape(B, Hkv, N * KK, -1))
 
-    dk = scatter(torch.einsum('bnhk,bnhd->bnkhd', ds, qf) * scale)
-    dv = scatter(torch.einsum('bnhk,bnhd->bnkhd', p, dof))
+    dk = scatter(ds, qh) * scale
+    dv = scatter(p, do_h)
     drpb = None
     if rpb is not None:
         flat = 0
         for a, r in enumerate(rel):
             flat = flat * rpb.shape[1 + a] + r
-        per_head = ds.sum(0).permute(1, 0, 2).reshape(Hq, -1)  # [Hq, N * KK]
-        drpb = per_head.new_zeros(Hq, rpb[0].numel()).index_add_(1, flat.reshape(-1), per_head)
+        per_head = ds.sum(0).reshape(Hkv * G, N * KK)
+        drpb = per_head.new_zeros(Hkv * G, rpb[0].numel()).index_add_(1, flat.reshape(-1), per_head)
         drpb = drpb.reshape(rpb.shape).to(rpb.dtype)
-    return (dq.reshape(q.shape).to(q.dtype), dk.reshape(k.shape).to(k.dtype), dv.reshape(v.shape).to(v.dtype), drpb)
+    dq = _merge_heads(dq, q.shape).to(q.dtype)
+    dk = _merge_heads(dk.unsqueeze(2), k.shape).to(k.dtype)
+    dv = _merge_heads(dv.unsqueeze(2), v.shape).to(v.dtype)
+    return dq, dk, dv, drpb

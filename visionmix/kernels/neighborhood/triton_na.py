@@ -51,7 +51,7 @@ def _na_fwd_kernel(
         TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
         KB1: tl.constexpr, KB2: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_K: tl.constexpr = KB1 * KB2
@@ -100,6 +100,8 @@ def _na_fwd_kernel(
     q_ptrs = (Q + b * sq_b + h * sq_h + (xq0 * D0 + g0)[:, None] * sq_0 + (xq1 * D1 + g1)[:, None] * sq_1
               + (xq2 * D2 + g2)[:, None] * sq_2 + offs_d[None, :])
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_Q], float('-inf'), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
@@ -117,6 +119,8 @@ def _na_fwd_kernel(
                 k_ptrs = (Kt + b * sk_b + hk * sk_h + (k0 * D0 + g0) * sk_0 + (xk1 * D1 + g1)[:, None] * sk_1
                           + (xk2 * D2 + g2)[:, None] * sk_2 + offs_d[None, :])
                 kb = tl.load(k_ptrs, mask=k_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                if UPCAST:
+                    kb = kb.to(tl.float32)
                 s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale
                 mask = (in0[:, None] & k_valid[None, :]
                         & (xk1[None, :] >= qs1[:, None]) & (xk1[None, :] <= qe1[:, None])
@@ -136,6 +140,8 @@ def _na_fwd_kernel(
                 v_ptrs = (V + b * sv_b + hk * sv_h + (k0 * D0 + g0) * sv_0 + (xk1 * D1 + g1)[:, None] * sv_1
                           + (xk2 * D2 + g2)[:, None] * sv_2 + offs_dv[None, :])
                 vb = tl.load(v_ptrs, mask=k_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                if UPCAST:
+                    vb = vb.to(tl.float32)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
                 m_i = m_new
 
@@ -195,6 +201,8 @@ def na_forward_triton(q, k, v, rpb, kernel_size, stride, dilation, is_causal, sc
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'
+    # Triton's CPU interpreter computes bf16 dots wrongly; fp32 dots of bf16 values give what tensor cores give
+    upcast = interpreter_mode() and q.dtype == torch.bfloat16
     _na_fwd_kernel[(grid_tiles, B * heads_q)](
         q3, k3, v3, r3, o3, lse3,
         *[q3.stride(i) for i in range(5)],
@@ -208,6 +216,7 @@ def na_forward_triton(q, k, v, rpb, kernel_size, stride, dilation, is_causal, sc
         K0=ks[0], K1=ks[1], K2=ks[2], S0=st[0], S1=st[1], S2=st[2], D0=dl[0], D1=dl[1], D2=dl[2],
         C0=ca[0], C1=ca[1], C2=ca[2], TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB1=kb[0], KB2=kb[1],
         BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_RPB=rpb is not None, PRECISION=precision,
+        UPCAST=upcast,
         num_warps=1 if interpreter_mode() else 4,
     )
     return out, lse

@@ -1,0 +1,272 @@
+"""Neighborhood attention: reference vs NATTEN fixtures, Triton (interpreter on CPU) vs reference, bad input."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import parity_files
+from visionmix.kernels import na1d, na2d, na3d, neighborhood_attention
+from visionmix.kernels._backend import resolve_backend
+from visionmix.kernels.neighborhood.reference import na_backward_reference, na_forward_reference, neighbourhood_mask
+from visionmix.kernels.testing import assert_close, compare_forward_backward
+
+NA_FNS = {1: na1d, 2: na2d, 3: na3d}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
+
+
+def _random_qkv(batch, spatial, heads_q, heads_kv, head_dim, head_dim_v=None, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    head_dim_v = head_dim_v or head_dim
+    q = torch.randn(batch, *spatial, heads_q, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, *spatial, heads_kv, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, *spatial, heads_kv, head_dim_v, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _dense_masked_attention(q, k, v, mask, scale, bias=None):
+    """Plain dense softmax over all tokens with a boolean mask: an independent check of the gather reference."""
+    B, H = q.shape[0], q.shape[-2]
+    qf, kf, vf = (t.reshape(B, -1, t.shape[-2], t.shape[-1]).transpose(1, 2) for t in (q, k, v))
+    kf = kf.repeat_interleave(H // kf.shape[1], 1)
+    vf = vf.repeat_interleave(H // vf.shape[1], 1)
+    s = (qf * scale) @ kf.transpose(-1, -2)
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~mask, float('-inf'))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ vf
+    return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1]), lse.transpose(1, 2).reshape(q.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NATTEN fixtures
+
+@pytest.mark.parametrize('path', parity_files('kernels', 'na*.pt'))
+def test_reference_matches_natten_fixture(path):
+    case = torch.load(path, weights_only=True)
+    p, inp, ref = case['params'], case['inputs'], case['outputs']
+    assert torch.equal(
+        neighbourhood_mask(p['spatial_shape'], p['kernel_size'], p['stride'], p['dilation'], p['is_causal']),
+        ref['mask'])
+    q, k, v = (inp[n].double().requires_grad_() for n in 'qkv')
+    rpb = inp['rpb'].double().requires_grad_() if 'rpb' in inp else None
+    out, lse = neighborhood_attention(q, k, v, p['kernel_size'], p['stride'], p['dilation'], p['is_causal'],
+                                      rpb=rpb, scale=p['scale'], return_lse=True, backend='torch')
+    assert_close('out', out, ref['out'], 1e-12, atol=1e-12)
+    assert_close('lse', lse, ref['lse'], 1e-12, atol=1e-12)
+    if 'dout' in inp:
+        out.backward(inp['dout'])
+        for name, t in (('dq', q), ('dk', k), ('dv', v)) + ((('drpb', rpb),) if rpb is not None else ()):
+            assert_close(name, t.grad, ref[name], 1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('path', parity_files('kernels', 'na*.pt'))
+def test_triton_matches_natten_fixture(path):
+    case = torch.load(path, weights_only=True)
+    p, inp, ref = case['params'], case['inputs'], case['outputs']
+    out, lse = neighborhood_attention(inp['q'], inp['k'], inp['v'], p['kernel_size'], p['stride'], p['dilation'],
+                                      p['is_causal'], rpb=inp.get('rpb'), scale=p['scale'], return_lse=True,
+                                      backend='triton')
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert_close('out', out, ref['out'], 1e-5)
+    assert_close('lse', lse, ref['lse'], 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference: gather form vs a dense masked softmax, closed-form backward vs autograd
+
+@pytest.mark.parametrize('rank,spatial,kernel,stride,dilation,causal', [
+    (1, (23,), 6, 1, 3, False),
+    (1, (19,), 5, 2, 2, True),
+    (2, (9, 13), (3, 4), (1, 2), (2, 3), (False, True)),
+    (2, (7, 7), 7, 1, 1, False),
+    (3, (4, 6, 5), (2, 3, 3), (2, 1, 3), (1, 2, 1), (True, False, False)),
+])
+def test_reference_equals_dense_masked_softmax(rank, spatial, kernel, stride, dilation, causal):
+    q, k, v = _random_qkv(2, spatial, 4, 2, 8, 12, torch.float64)
+    out, lse = NA_FNS[rank](q, k, v, kernel, stride, dilation, causal, return_lse=True, backend='torch')
+    to_tuple = lambda x: x if isinstance(x, tuple) else (x,) * rank
+    mask = neighbourhood_mask(spatial, to_tuple(kernel), to_tuple(stride), to_tuple(dilation), to_tuple(causal))
+    ref_out, ref_lse = _dense_masked_attention(q, k, v, mask, 8 ** -0.5)
+    assert_close('out', out, ref_out, 1e-12, atol=1e-12)
+    assert_close('lse', lse, ref_lse, 1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('rank,spatial,kernel,stride,dilation,causal,rpb,gqa', [
+    (1, (17,), 5, 1, 2, False, True, False),
+    (1, (17,), 4, 2, 1, True, False, True),
+    (2, (8, 11), (3, 5), 1, (2, 1), False, True, True),
+    (2, (9, 10), 4, (2, 1), 1, (True, False), False, False),
+    (3, (4, 5, 6), (2, 3, 3), 1, (1, 1, 2), (False, True, False), True, False),
+])
+def test_closed_form_backward_equals_autograd(rank, spatial, kernel, stride, dilation, causal, rpb, gqa):
+    q, k, v = _random_qkv(2, spatial, 4, 2 if gqa else 4, 8, dtype=torch.float64, seed=1)
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
+    bias = torch.randn(4, *[2 * x - 1 for x in ks], dtype=torch.float64) * 0.5 if rpb else None
+    args = [list(ks)] + [list(x if isinstance(x, tuple) else (x,) * rank) for x in (stride, dilation, causal)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([bias.clone().requires_grad_()] if rpb else [])
+    out, lse = na_forward_reference(*leaves[:3], *args, rpb=leaves[3] if rpb else None, scale=0.3)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    expected = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves)
+    got = na_backward_reference(dout, dlse, q, k, v, out.detach(), lse.detach(), *args, rpb=bias, scale=0.3)
+    for name, g, e in zip(('dq', 'dk', 'dv', 'drpb'), got, expected):
+        assert_close(name, g, e, 1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel (interpreter on CPU) vs reference
+
+TRITON_CASES = [
+    # rank, spatial, heads_q, heads_kv, head_dim, head_dim_v, kernel, stride, dilation, causal, rpb
+    (1, (37,), 2, 2, 16, 16, 7, 1, 1, False, False),
+    (1, (41,), 4, 2, 32, 24, 8, 3, 2, True, False),
+    (2, (15, 13), 2, 2, 16, 16, (7, 5), 1, (2, 1), False, True),
+    (2, (12, 9), 3, 1, 24, 24, (4, 3), (2, 3), (1, 2), (True, False), False),
+    (2, (14, 14), 2, 2, 8, 8, (7, 7), 1, (2, 1), False, True),
+    (3, (5, 6, 7), 2, 2, 16, 32, (3, 2, 5), (1, 2, 1), (1, 2, 1), (False, True, False), False),
+    (3, (4, 5, 6), 2, 2, 16, 16, 3, 1, 1, (True, False, False), True),
+]
+
+
+def _triton_case_kwargs(rank, heads_q, kernel, stride, dilation, causal, rpb, dtype, seed=0):
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
+    kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    if rpb:
+        gen = torch.Generator().manual_seed(seed + 7)
+        kwargs['rpb'] = (0.5 * torch.randn(heads_q, *[2 * x - 1 for x in ks], generator=gen)).to(dtype)
+    return kwargs
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', TRITON_CASES, ids=lambda c: f"{c[0]}d-{'x'.join(map(str, c[1]))}")
+def test_triton_forward_matches_reference(case, dtype):
+    rank, spatial, hq, hkv, d, dv, kernel, stride, dilation, causal, rpb = case
+    q, k, v = _random_qkv(2, spatial, hq, hkv, d, dv, dtype)
+    kwargs = _triton_case_kwargs(rank, hq, kernel, stride, dilation, causal, rpb, dtype)
+    out, lse = NA_FNS[rank](q, k, v, **kwargs, return_lse=True, backend='triton')
+    ref_kwargs = {n: (x.double() if torch.is_tensor(x) else x) for n, x in kwargs.items()}
+    ref_out, ref_lse = NA_FNS[rank](q.double(), k.double(), v.double(), **ref_kwargs, return_lse=True,
+                                    backend='torch')
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close('out', out, ref_out, TOL[dtype])
+    assert_close('lse', lse, ref_lse, TOL[dtype])
+
+
+@pytest.mark.parametrize('case', TRITON_CASES[1:4], ids=lambda c: f"{c[0]}d-{'x'.join(map(str, c[1]))}")
+def test_triton_backend_gradients_match_reference(case):
+    rank, spatial, hq, hkv, d, dv, kernel, stride, dilation, causal, rpb = case
+    q, k, v = _random_qkv(2, spatial, hq, hkv, d, dv)
+    kwargs = _triton_case_kwargs(rank, hq, kernel, stride, dilation, causal, rpb, torch.float32)
+    inputs = dict(q=q, k=k, v=v, **({'rpb': kwargs.pop('rpb')} if rpb else {}))
+    fn = lambda backend: (lambda **t: NA_FNS[rank](**t, **kwargs, backend=backend))
+    compare_forward_backward(fn('triton'), fn('torch'), inputs, ratio=1e-5)
+
+
+def test_triton_non_contiguous_inputs():
+    q, k, v = (t.transpose(1, 2) for t in _random_qkv(1, (10, 12), 2, 2, 16))
+    assert not q.is_contiguous()
+    assert_close('out', na2d(q, k, v, 5, backend='triton'), na2d(q, k, v, 5, backend='torch'), 1e-5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_triton_random_sweep(data):
+    rank = data.draw(st.integers(1, 2), label='rank')
+    kernel, stride, dilation, causal, spatial = [], [], [], [], []
+    for _ in range(rank):
+        K = data.draw(st.integers(2, 7))
+        d = data.draw(st.integers(1, 3))
+        kernel.append(K)
+        dilation.append(d)
+        stride.append(data.draw(st.integers(1, K)))
+        causal.append(data.draw(st.booleans()))
+        spatial.append(data.draw(st.integers(K * d, K * d + 9)))
+    q, k, v = _random_qkv(1, spatial, 2, 2, 16, seed=data.draw(st.integers(0, 2 ** 16)))
+    out = NA_FNS[rank](q, k, v, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal), backend='triton')
+    ref = NA_FNS[rank](q.double(), k.double(), v.double(), tuple(kernel), tuple(stride), tuple(dilation),
+                       tuple(causal), backend='torch')
+    assert_close('out', out, ref, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backend choice, compile, flop counting
+
+def test_backend_resolution(monkeypatch):
+    q = torch.zeros(1)
+    monkeypatch.delenv('VISIONMIX_BACKEND', raising=False)
+    assert resolve_backend('auto', q) == 'torch'
+    monkeypatch.setenv('VISIONMIX_BACKEND', 'triton')
+    assert resolve_backend('auto', q) == 'triton'
+    assert resolve_backend('torch', q) == 'torch'
+    monkeypatch.setenv('VISIONMIX_BACKEND', 'cuda')
+    with pytest.raises(ValueError, match='VISIONMIX_BACKEND'):
+        resolve_backend('auto', q)
+    monkeypatch.delenv('VISIONMIX_BACKEND')
+    with pytest.raises(ValueError, match='backend must be one of'):
+        resolve_backend('fast', q)
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    with pytest.raises(ValueError, match='TRITON_INTERPRET'):
+        resolve_backend('triton', q)
+
+
+def test_env_override_selects_triton(monkeypatch):
+    q, k, v = _random_qkv(1, (9, 9), 2, 2, 16)
+    monkeypatch.setenv('VISIONMIX_BACKEND', 'triton')
+    calls = []
+    import visionmix.kernels.neighborhood as na_mod
+    original = na_mod._triton_forward
+    monkeypatch.setattr(na_mod, '_triton_forward', lambda *a: calls.append(1) or original(*a))
+    na2d(q, k, v, 3)
+    assert calls
+
+
+def test_torch_compile_fullgraph_module():
+    from visionmix.layers import NeighborhoodAttention2D
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(32, 2, kernel_size=5, dilation=(1, 2), rel_pos_bias=True)
+    x = torch.randn(2, 10, 12, 32, requires_grad=True)
+    compiled = torch.compile(attn, fullgraph=True)
+    out = compiled(x)
+    assert_close('out', out, attn(x), 1e-5)
+    out.sum().backward()
+    assert attn.rpb.grad is not None and x.grad is not None
+
+
+def test_flop_counter_counts_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+    q, k, v = (t.to('meta') for t in _random_qkv(2, (14, 14), 4, 4, 32))
+    with FlopCounterMode(display=False) as counter:
+        na2d(q, k, v, 7)
+    assert counter.get_total_flops() == 2 * (2 * 14 * 14 * 4) * 49 * (32 + 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: a ValueError naming the argument and the constraint
+
+def _bad(fn, match, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+def test_rejects_bad_arguments():
+    q, k, v = _random_qkv(1, (8, 9), 2, 2, 16)
+    _bad(na2d, r'q must have layout \[batch, X, Y, heads, head_dim\]', q[0], k, v, 3)
+    _bad(na1d, r'layout \[batch, X, heads, head_dim\]', q, k, v, 3)
+    _bad(na2d, r'kernel_size \* dilation must not exceed.*axis 0.*7 \* dilation 2 = 14 > size 8', q, k, v, 7,
+         dilation=2)
+    _bad(na2d, r'kernel_size \* dilation must not exceed', q, k, v, 10)
+    _bad(na2d, r'kernel_size must be >= 2', q, k, v, 1)
+    _bad(na2d, r'kernel_size must be an int or a tuple of 2 values', q, k, v, (3, 3, 3))
+    _bad(na2d, r'stride must satisfy 1 <= stride <= kernel_size', q, k, v, 3, stride=4)
+    _bad(na2d, r'dilation must be >= 1', q, k, v, 3, dilation=0)
+    _bad(na2d, r'q, k and v must share one dtype', q, k.double(), v, 3)
+    _bad(na2d, r'q, k and v must be on one device', q, k.to('meta'), v, 3)
+    _bad(na2d, r'q and k must share batch and spatial shape', q, k[:, :7], v[:, :7], 3)
+    _bad(na2d, r'heads of q \(2\) must be a multiple of heads of k/v \(3\)', q, *_random_qkv(1, (8, 9), 3, 3, 16)[1:],
+         3)
+    _bad(na2d, r'rpb must have shape \(heads, \*\(2 \* kernel_size - 1\)\) = \(2, 5, 5\)', q, k, v, 3,
+         rpb=torch.zeros(2, 3, 3))
+    _bad(na2d, r'rpb is defined for stride 1 only', q, k, v, 3, stride=2, rpb=torch.zeros(2, 5, 5))
+    _bad(na2d, r'must be a floating-point tensor', q.long(), k.long(), v.long(), 3)
+    _bad(na2d, r'triton backend supports float16, bfloat16 and float32', q.double(), k.double(), v.double(), 3,
+         backend='triton')

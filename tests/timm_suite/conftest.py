@@ -1,0 +1,38 @@
+"""Run timm's own model test suite (``test_models.py`` from timm's sdist) on every visionmix model."""
+import os
+
+import pytest
+import timm
+import timm.models._registry as registry
+
+import visionmix  # noqa: F401  (registers the models before timm's tests are collected)
+
+VISIONMIX_MODELS = sorted(
+    name for name in timm.list_models() if registry.model_entrypoint(name).__module__.startswith('visionmix.'))
+
+# timm runs its forward_intermediates tests only for model modules named in FEAT_INTER_FILTERS;
+# list visionmix models under one of those modules so they get those tests too.
+registry._module_to_models['swin_transformer'].update(VISIONMIX_MODELS)
+
+
+# these download the released weights; run them with VISIONMIX_ONLINE=1 on a machine with network access
+DOWNLOAD_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained')
+
+
+def pytest_collection_modifyitems(config, items):
+    # the suite covers every timm model: keep only the tests parametrized with a visionmix model
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, 'callspec', None)
+        name = callspec.params.get('model_name') if callspec else None
+        if name is not None and name.split('.')[0] in VISIONMIX_MODELS:
+            if item.originalname in DOWNLOAD_TESTS and not os.environ.get('VISIONMIX_ONLINE'):
+                item.add_marker(pytest.mark.skip(reason='downloads released weights (set VISIONMIX_ONLINE=1)'))
+            keep.append(item)
+        elif item.path.name == 'test_models.py':
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
