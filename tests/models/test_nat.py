@@ -148,6 +148,16 @@ def test_timm_contract_pieces():
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 3, 3, 128)
 
 
+def test_torch_compile_fullgraph_model():
+    torch.manual_seed(0)
+    model = timm.create_model('test_dinat').eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True)(x)
+        ref = model(x)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
 def test_autocast_bf16():
     model = timm.create_model('test_nat').eval()
     x = torch.randn(1, 3, 96, 96)
