@@ -189,6 +189,61 @@ def test_triton_random_sweep(data):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# additional (global) keys and values, merged through the logsumexp
+
+def _dense_with_extra(q, k, v, mask, extra_k, extra_v, scale):
+    """Dense softmax over [neighbourhood keys | extra tokens], the extra tokens visible to every query."""
+    n, m = mask.shape[0], extra_k.shape[1]
+    flat = lambda t: t.reshape(t.shape[0], -1, t.shape[-2], t.shape[-1])
+    keys = torch.cat([flat(k), extra_k], 1)
+    values = torch.cat([flat(v), extra_v], 1)
+    full_mask = torch.cat([mask, torch.ones(n, m, dtype=torch.bool)], 1)
+    out, lse = _dense_masked_attention(flat(q), keys, values, full_mask, scale)
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
+
+
+@pytest.mark.parametrize('backend', ['torch', 'triton'])
+@pytest.mark.parametrize('rank,spatial,kernel,dilation,causal', [
+    (1, (21,), 5, 2, True),
+    (2, (9, 11), (3, 5), (2, 1), (False, True)),
+])
+def test_additional_keys_values(backend, rank, spatial, kernel, dilation, causal):
+    dtype = torch.float64 if backend == 'torch' else torch.float32
+    q, k, v = _random_qkv(2, spatial, 4, 2, 16, 8, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    extra_k = torch.randn(2, 5, 2, 16, generator=gen).to(dtype)
+    extra_v = torch.randn(2, 5, 2, 8, generator=gen).to(dtype)
+    to_tuple = lambda x: x if isinstance(x, tuple) else (x,) * rank
+    mask = neighbourhood_mask(spatial, to_tuple(kernel), (1,) * rank, to_tuple(dilation), to_tuple(causal))
+
+    def ours(q, k, v, extra_k, extra_v):
+        out, lse = NA_FNS[rank](q, k, v, kernel, 1, dilation, causal, return_lse=True, backend=backend,
+                                additional_keys=extra_k, additional_values=extra_v)
+        return out * 1.0 + lse[..., None] * 0.25  # the lse carries gradient too
+
+    def dense(q, k, v, extra_k, extra_v):
+        out, lse = _dense_with_extra(q.double(), k.double(), v.double(), mask, extra_k.double(), extra_v.double(),
+                                     16 ** -0.5)
+        return out + lse[..., None] * 0.25
+
+    compare_forward_backward(ours, dense, dict(q=q, k=k, v=v, extra_k=extra_k, extra_v=extra_v),
+                             ratio=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_additional_keys_rejects_bad_arguments():
+    q, k, v = _random_qkv(1, (8, 9), 4, 2, 16)
+    ek, ev = torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16)
+    _bad(na2d, 'must be given together', q, k, v, 3, additional_keys=ek)
+    _bad(na2d, r'additional_keys must have layout \[batch, tokens, heads, head_dim\]', q, k, v, 3,
+         additional_keys=ek[0], additional_values=ev)
+    _bad(na2d, "must match q's dtype and device", q, k, v, 3, additional_keys=ek.double(), additional_values=ev)
+    _bad(na2d, 'must share batch', q, k, v, 3, additional_keys=ek, additional_values=ev[:, :2])
+    _bad(na2d, 'head dims must be', q, k, v, 3, additional_keys=ek[..., :8], additional_values=ev)
+    _bad(na2d, r'multiple of heads of additional_keys \(3\)', q, k, v, 3,
+         additional_keys=torch.randn(1, 3, 3, 16), additional_values=torch.randn(1, 3, 3, 16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # backend choice, compile, flop counting
 
 def test_backend_resolution(monkeypatch):

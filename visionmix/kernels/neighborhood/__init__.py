@@ -184,6 +184,48 @@ except Exception:  # pragma: no cover - older torch without the formula registry
     pass
 
 
+def _check_additional(q: Tensor, v: Tensor, keys: Optional[Tensor], values: Optional[Tensor]) -> None:
+    if (keys is None) != (values is None):
+        raise ValueError('additional_keys and additional_values must be given together')
+    if keys is None:
+        return
+    for name, t in (('additional_keys', keys), ('additional_values', values)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"{name} must have layout [batch, tokens, heads, head_dim], got {shape}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), "
+                             f"got {t.dtype}, {t.device}")
+    if keys.shape[:3] != values.shape[:3] or keys.shape[0] != q.shape[0]:
+        raise ValueError(f"additional_keys {tuple(keys.shape)} and additional_values {tuple(values.shape)} must share "
+                         f"batch ({q.shape[0]}), tokens and heads")
+    if keys.shape[-1] != q.shape[-1] or values.shape[-1] != v.shape[-1]:
+        raise ValueError(f"additional_keys/values head dims must be q's ({q.shape[-1]}) and v's ({v.shape[-1]}), "
+                         f"got {keys.shape[-1]} and {values.shape[-1]}")
+    if q.shape[-2] % keys.shape[2]:
+        raise ValueError(f"heads of q ({q.shape[-2]}) must be a multiple of heads of additional_keys "
+                         f"({keys.shape[2]})")
+
+
+def _merge_additional(q: Tensor, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, scale: float):
+    """Attend every query to the extra tokens too: dense attention over them, merged with the
+    neighbourhood result through the two logsumexps (NATTEN's ``additional_keys`` semantics)."""
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = H // keys.shape[2]
+    qf = q.reshape(B, -1, H, D).to(acc)
+    kx = keys.to(acc).repeat_interleave(group, dim=2)
+    vx = values.to(acc).repeat_interleave(group, dim=2)
+    s = torch.einsum('bnhd,bmhd->bnhm', qf, kx) * scale
+    lse_x = torch.logsumexp(s, dim=-1)
+    out_x = torch.einsum('bnhm,bmhd->bnhd', torch.softmax(s, dim=-1), vx)
+    lse_na = lse.reshape(B, -1, H).to(acc)
+    lse_all = torch.logaddexp(lse_na, lse_x)
+    out_na = out.reshape(B, -1, H, out.shape[-1]).to(acc)
+    merged = out_na * torch.exp(lse_na - lse_all)[..., None] + out_x * torch.exp(lse_x - lse_all)[..., None]
+    return merged.reshape(out.shape).to(out.dtype), lse_all.reshape(lse.shape).to(lse.dtype)
+
+
 def neighborhood_attention(
         q: Tensor, k: Tensor, v: Tensor,
         kernel_size: IntOrTuple,
@@ -194,6 +236,8 @@ def neighborhood_attention(
         scale: Optional[float] = None,
         return_lse: bool = False,
         backend: str = 'auto',
+        additional_keys: Optional[Tensor] = None,
+        additional_values: Optional[Tensor] = None,
 ):
     """Neighborhood attention of any rank (inferred as ``q.dim() - 3``); see ``na2d``."""
     rank = q.dim() - 3 if torch.is_tensor(q) else 0
@@ -202,23 +246,27 @@ def neighborhood_attention(
         raise ValueError(f"q must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial axes, got {shape}")
     kernel_size, stride, dilation, is_causal, scale = check_args(
         q, k, v, rank, kernel_size, stride, dilation, is_causal, rpb, scale)
+    _check_additional(q, v, additional_keys, additional_values)
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     chosen = resolve_backend(backend, *tensors)
     if chosen == 'triton' and not triton_dtype_ok(q.dtype):
         raise ValueError(f"the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
     out, lse = _na_forward_op(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, chosen)
+    if additional_keys is not None:
+        out, lse = _merge_additional(q, out, lse, additional_keys, additional_values, scale)
     return (out, lse) if return_lse else out
 
 
 def na1d(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None, return_lse=False,
-         backend='auto'):
+         backend='auto', additional_keys=None, additional_values=None):
     """1-D neighborhood attention over ``[B, L, heads, D]``."""
     _check_rank('na1d', q, 1)
-    return neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, return_lse, backend)
+    return neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, return_lse, backend,
+                                  additional_keys, additional_values)
 
 
 def na2d(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None, return_lse=False,
-         backend='auto'):
+         backend='auto', additional_keys=None, additional_values=None):
     """2-D neighborhood attention over ``[B, X, Y, heads, D]``.
 
     Args:
@@ -227,16 +275,20 @@ def na2d(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, 
         scale: logit scale, default ``head_dim ** -0.5``.
         return_lse: also return the natural-log logsumexp ``[B, X, Y, heads]`` (float32).
         backend: ``'auto'`` (Triton on CUDA, reference elsewhere), ``'triton'`` or ``'torch'``.
+        additional_keys, additional_values: optional extra tokens ``[B, M, heads_kv, D]`` every query also
+            attends to (global tokens); merged with the neighbourhood through the logsumexp.
     """
     _check_rank('na2d', q, 2)
-    return neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, return_lse, backend)
+    return neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, return_lse, backend,
+                                  additional_keys, additional_values)
 
 
 def na3d(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None, return_lse=False,
-         backend='auto'):
+         backend='auto', additional_keys=None, additional_values=None):
     """3-D neighborhood attention over ``[B, X, Y, Z, heads, D]``."""
     _check_rank('na3d', q, 3)
-    return neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, return_lse, backend)
+    return neighborhood_attention(q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, return_lse, backend,
+                                  additional_keys, additional_values)
 
 
 def _check_rank(fn: str, q, rank: int) -> None:
