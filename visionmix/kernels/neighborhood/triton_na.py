@@ -15,7 +15,8 @@ import triton.language as tl
 
 from .._backend import interpreter_mode
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -107,7 +108,7 @@ def _na_fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_DV], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
     for k0 in range(lo0, hi0 + 1):
         in0 = q_valid & (k0 >= qs0) & (k0 <= qe0)
@@ -130,7 +131,7 @@ def _na_fwd_kernel(
                               + (xk1[None, :] - xq1[:, None] + K1 - 1) * sr_1
                               + (xk2[None, :] - xq2[:, None] + K2 - 1) * sr_2)
                     bias = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-                    s += bias * 1.4426950408889634
+                    s += bias * LOG2E
                 s = tl.where(mask, s, float('-inf'))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
@@ -147,7 +148,7 @@ def _na_fwd_kernel(
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float('-inf'))
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * LN2, float('-inf'))
     xo0 = xq0 * D0 + g0
     xo1 = xq1 * D1 + g1
     xo2 = xq2 * D2 + g2
