@@ -25,6 +25,15 @@ def parity_files(folder: str, pattern: str = '*.pt'):
     return [pytest.param(f, id=f.stem) for f in files]
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_configure(config):
     # timm's own model suite is taken from the sdist of the installed timm version; fetch it once, in the
     # controlling process (xdist workers start after this and find the file in place)

@@ -5,7 +5,7 @@
 also run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is
 imported), which is how the kernels themselves are tested on machines without a GPU.
 """
-import functools
+import importlib.util
 import os
 
 import torch
@@ -19,14 +19,11 @@ def interpreter_mode() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec('triton') is not None  # once: read on every call under torch.compile
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:

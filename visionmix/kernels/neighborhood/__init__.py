@@ -127,8 +127,13 @@ def _na_backward_op(
         rpb: Optional[Tensor], kernel_size: List[int], stride: List[int], dilation: List[int],
         is_causal: List[bool], scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, drpb = na_backward_reference(
-        dout, dlse, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, rpb, scale)
+    if backend == 'triton':
+        from .triton_na_bwd import na_backward_triton
+        dq, dk, dv, drpb = na_backward_triton(
+            dout, dlse, q, k, v, out, lse, rpb, kernel_size, stride, dilation, is_causal, scale)
+    else:
+        dq, dk, dv, drpb = na_backward_reference(
+            dout, dlse, q, k, v, out, lse, kernel_size, stride, dilation, is_causal, rpb, scale)
     grads = (dq, dk, dv, drpb if drpb is not None else q.new_zeros(0))
     return tuple(g.contiguous() for g in grads)
 

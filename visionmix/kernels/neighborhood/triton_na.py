@@ -158,12 +158,22 @@ def _na_fwd_kernel(
     tl.store(LSE + b * sl_b + h + xo0 * sl_0 + xo1 * sl_1 + xo2 * sl_2, lse, mask=q_valid)
 
 
-# Query tile (axes 0, 1, 2) and key block (axes 1, 2) per rank.
+# Query tile (axes 0, 1, 2) and key block (axes 1, 2) per rank; halved for head dims above 128
+# so that the fp32 accumulators of a tile stay in registers.
 _TILES = {
     1: ((1, 1, 64), (1, 64)),
     2: ((1, 8, 8), (4, 16)),
     3: ((2, 4, 8), (4, 16)),
 }
+_TILES_WIDE = {
+    1: ((1, 1, 32), (1, 32)),
+    2: ((1, 4, 8), (2, 16)),
+    3: ((1, 4, 8), (2, 16)),
+}
+
+
+def _tiles(rank: int, head_dim: int):
+    return (_TILES_WIDE if head_dim > 128 else _TILES)[rank]
 
 
 def _as_3d(x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -189,7 +199,7 @@ def na_forward_triton(q, k, v, rpb, kernel_size, stride, dilation, is_causal, sc
     q3, k3, v3, o3 = (_as_3d(t, rank) for t in (q, k, v, out))
     lse3 = _as_3d(lse.unsqueeze(-1), rank).squeeze(-1)
     L = q3.shape[1:4]
-    (tq, kb) = _TILES[rank]
+    tq, kb = _tiles(rank, max(head_dim, head_dim_v))
     grid_tiles = 1
     for a in range(3):
         grid_tiles *= dl[a] * math.ceil(math.ceil(L[a] / dl[a]) / tq[a])
