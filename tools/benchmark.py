@@ -106,17 +106,22 @@ class OpImpl:
 
 
 def default_op_cases(op: str, batch: int) -> List[OpCase]:
-    """NAT/DiNAT-like shapes: kernel 7 (49 keys per query) with head_dim 32 as in NAT."""
+    """NAT/DiNAT stage shapes at 224/384/512 px (kernel 7, head dim 32 as in NAT, plus 64 and 128),
+    long 1-D sequences and 3-D video volumes."""
     if op == 'na1d':
         return [
             OpCase('seq-3136-k49', (3136,), (49,), (1,), 2, 32, batch),
             OpCase('seq-16384-k49', (16384,), (49,), (1,), 2, 32, batch),
+            OpCase('seq-16384-k49-hd64', (16384,), (49,), (1,), 4, 64, batch),
+            OpCase('seq-16384-k49-hd128', (16384,), (49,), (1,), 4, 128, batch),
             OpCase('seq-3136-k49-dil8', (3136,), (49,), (8,), 2, 32, batch),
         ]
     if op == 'na3d':
         return [
+            OpCase('video-16x32x32-k7', (16, 32, 32), (7, 7, 7), (1, 1, 1), 4, 32, batch),
+            OpCase('video-16x32x32-k7-hd64', (16, 32, 32), (7, 7, 7), (1, 1, 1), 4, 64, batch),
+            OpCase('video-16x32x32-k7-hd128', (16, 32, 32), (7, 7, 7), (1, 1, 1), 4, 128, batch),
             OpCase('video-8x28x28-k3x7x7', (8, 28, 28), (3, 7, 7), (1, 1, 1), 4, 32, batch),
-            OpCase('video-16x14x14-k3x7x7', (16, 14, 14), (3, 7, 7), (1, 1, 1), 8, 32, batch),
             OpCase('video-8x28x28-k3x7x7-dil2', (8, 28, 28), (3, 7, 7), (1, 2, 2), 4, 32, batch),
         ]
     return [
@@ -124,7 +129,11 @@ def default_op_cases(op: str, batch: int) -> List[OpCase]:
         OpCase('nat-224-stage2', (28, 28), (7, 7), (1, 1), 4, 32, batch),
         OpCase('nat-224-stage3', (14, 14), (7, 7), (1, 1), 8, 32, batch),
         OpCase('nat-384-stage1', (96, 96), (7, 7), (1, 1), 2, 32, batch),
+        OpCase('nat-384-stage2', (48, 48), (7, 7), (1, 1), 4, 32, batch),
         OpCase('nat-512-stage1', (128, 128), (7, 7), (1, 1), 2, 32, batch),
+        OpCase('nat-512-stage2', (64, 64), (7, 7), (1, 1), 4, 32, batch),
+        OpCase('nat-224-stage1-hd64', (56, 56), (7, 7), (1, 1), 2, 64, batch),
+        OpCase('nat-224-stage1-hd128', (56, 56), (7, 7), (1, 1), 2, 128, batch),
         OpCase('dinat-224-stage1-dil8', (56, 56), (7, 7), (8, 8), 2, 32, batch),
     ]
 
@@ -373,6 +382,45 @@ def check_agreement(impls: List[OpImpl], q, k, v, case: OpCase, dtype: torch.dty
     return errors
 
 
+def impl_gradients(impl: OpImpl, inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, case: OpCase):
+    """``(dq, dk, dv)`` of ``impl`` for the heads-last cotangent ``grad_out``, returned heads-last."""
+    leaves = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    out = impl.fn(*leaves)
+    if impl.layout == 'heads_first':
+        grad_out = to_heads_first(grad_out, case.rank)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    if impl.layout == 'heads_first':
+        grads = tuple(to_heads_last(g, case.spatial) for g in grads)
+    return grads
+
+
+def check_gradient_agreement(impls: List[OpImpl], q, k, v, case: OpCase, dtype: torch.dtype) -> Dict[str, float]:
+    """Compare every implementation's dq/dk/dv with visionmix's (largest of the three errors); one that
+    disagrees or fails gets a ``no_backward`` reason so its backward is never timed."""
+    inputs = {'heads_last': (q, k, v), 'heads_first': tuple(to_heads_first(t, case.rank) for t in (q, k, v))}
+    generator = torch.Generator(device='cpu').manual_seed(1)
+    grad_out = torch.randn(q.shape, generator=generator).to(device=q.device, dtype=q.dtype)
+    errors: Dict[str, float] = {}
+    expected = None
+    tol = AGREEMENT_TOL[dtype]
+    for impl in sorted(impls, key=lambda impl: impl.name != 'visionmix'):
+        if impl.skip or impl.no_backward or impl.name == 'sdpa-dense':  # sdpa-dense is a different operation
+            continue
+        try:
+            grads = impl_gradients(impl, inputs[impl.layout], grad_out, case)
+        except Exception as err:
+            impl.no_backward = describe_error(err)
+            continue
+        if expected is None:
+            expected = grads
+            continue
+        err = max(relative_error(g, e) for g, e in zip(grads, expected))
+        errors[impl.name] = err
+        if not math.isfinite(err) or err > tol:
+            impl.no_backward = f'gradients disagree with visionmix: rel err {err:.2e} > {tol:.0e}; not timed'
+    return errors
+
+
 def make_step(impl: OpImpl, inputs: Sequence[torch.Tensor], mode: str) -> Callable[[], None]:
     """The timed call: forward without autograd, or forward plus backward to all inputs."""
     if mode == 'fwd':
@@ -394,7 +442,9 @@ def benchmark_op_case(case: OpCase, op: str, args, device: torch.device, dtype: 
     """All rows (implementations x modes) for one case."""
     impls = build_op_impls(case, op, device, args.impls, args.with_flex)
     q, k, v = make_op_inputs(case, device, dtype)
-    errors = check_agreement(impls, q, k, v, case, dtype)
+    errors = {'fwd': check_agreement(impls, q, k, v, case, dtype)}
+    if 'fwdbwd' in args.modes:
+        errors['fwdbwd'] = check_gradient_agreement(impls, q, k, v, case, dtype)
     heads_first = tuple(to_heads_first(t, case.rank) for t in (q, k, v))
     rows = []
     for mode in args.modes:
@@ -403,7 +453,7 @@ def benchmark_op_case(case: OpCase, op: str, args, device: torch.device, dtype: 
                        kernel_size=list(case.kernel_size), dilation=list(case.dilation), is_causal=case.is_causal,
                        heads=case.heads, head_dim=case.head_dim, tokens=case.batch * case.seq_len, mode=mode,
                        impl=impl.name, latency_ms=None, throughput=None, peak_mib=None,
-                       rel_err=errors.get(impl.name), ratio=None, status='ok', note=impl.note)
+                       rel_err=errors[mode].get(impl.name), ratio=None, status='ok', note=impl.note)
             reason = impl.skip or (impl.no_backward if mode == 'fwdbwd' else None)
             if reason is None:
                 inputs = heads_first if impl.layout == 'heads_first' else (q, k, v)

@@ -43,9 +43,12 @@ def test_op_tiny_case_writes_results(benchmark, tmp_path):
             assert row['ratio'] is not None and row['ratio'] > 0
             assert row['tokens'] == 144 and row['peak_mib'] is None  # no peak memory off CUDA
         assert rows['visionmix']['ratio'] == pytest.approx(1.0)
-        assert rows['visionmix-ref']['rel_err'] < 1e-4
+        assert rows['visionmix-ref']['rel_err'] < 1e-4  # outputs (fwd) or dq/dk/dv (fwdbwd)
         assert rows['sdpa-masked']['rel_err'] < 1e-4
-        assert rows['sdpa-dense']['rel_err'] < 1e-4  # checked against plain dense attention
+        if mode == 'fwd':
+            assert rows['sdpa-dense']['rel_err'] < 1e-4  # checked against plain dense attention
+        else:
+            assert rows['sdpa-dense']['rel_err'] is None  # a different operation: its gradients are not compared
         assert rows['flex']['status'] == 'skipped' and '--with-flex' in rows['flex']['note']
         natten = rows['natten']
         assert natten['note'] if natten['status'] == 'skipped' else natten['rel_err'] < 1e-4
@@ -53,6 +56,17 @@ def test_op_tiny_case_writes_results(benchmark, tmp_path):
     markdown = Path(result['files']['md']).read_text()
     assert '| ratio |' in markdown and '| sdpa-masked |' in markdown
     assert 'absolute numbers are not meaningful' in markdown
+
+
+def test_disagreeing_gradients_are_not_timed(benchmark):
+    case = benchmark.OpCase('tiny', (12, 12), (3, 3), (1, 1), 2, 16, 1)
+    impls = benchmark.build_op_impls(case, 'na2d', torch.device('cpu'), ['visionmix', 'sdpa-masked'], False)
+    masked = next(impl for impl in impls if impl.name == 'sdpa-masked')
+    forward = masked.fn
+    masked.fn = lambda q, k, v: forward(q, k * 1.5, v)  # same forward graph, wrong dk
+    q, k, v = benchmark.make_op_inputs(case, torch.device('cpu'), torch.float32)
+    errors = benchmark.check_gradient_agreement(impls, q, k, v, case, torch.float32)
+    assert errors['sdpa-masked'] > 1e-2 and 'gradients disagree with visionmix' in masked.no_backward
 
 
 def test_disagreeing_baseline_is_not_timed(benchmark):

@@ -176,6 +176,13 @@ def _tiles(rank: int, head_dim: int):
     return (_TILES_WIDE if head_dim > 128 else _TILES)[rank]
 
 
+def _num_warps(head_dim: int) -> int:
+    """Warps per program: more for wide heads, whose fp32 accumulators would otherwise spill."""
+    if interpreter_mode():
+        return 1
+    return 4 if head_dim <= 64 else 8
+
+
 def _as_3d(x: torch.Tensor, rank: int) -> torch.Tensor:
     for _ in range(3 - rank):
         x = x.unsqueeze(1)
@@ -228,6 +235,6 @@ def na_forward_triton(q, k, v, rpb, kernel_size, stride, dilation, is_causal, sc
         C0=ca[0], C1=ca[1], C2=ca[2], TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB1=kb[0], KB2=kb[1],
         BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_RPB=rpb is not None, PRECISION=precision,
         UPCAST=upcast,
-        num_warps=1 if interpreter_mode() else 4,
+        num_warps=_num_warps(max(head_dim, head_dim_v)),
     )
     return out, lse

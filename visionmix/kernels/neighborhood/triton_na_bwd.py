@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreter_mode
-from .triton_na import LOG2E, _as_3d, _tiles, _window
+from .triton_na import LOG2E, _as_3d, _num_warps, _tiles, _window
 
 
 @triton.jit
@@ -353,7 +353,7 @@ def na_backward_triton(dout, dlse, q, k, v, out, lse, rpb, kernel_size, stride, 
     upcast = interpreter_mode() and q.dtype == torch.bfloat16
     common = dict(K0=ks[0], K1=ks[1], K2=ks[2], S0=st[0], S1=st[1], S2=st[2], D0=dl[0], D1=dl[1], D2=dl[2],
                   C0=ca[0], C1=ca[1], C2=ca[2], BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_RPB=rpb is not None,
-                  PRECISION=precision, UPCAST=upcast, num_warps=1 if interpreter_mode() else 4)
+                  PRECISION=precision, UPCAST=upcast, num_warps=_num_warps(max(head_dim, head_dim_v)))
     strides = (*[q3.stride(i) for i in range(5)], *[k3.stride(i) for i in range(5)],
                *[v3.stride(i) for i in range(5)], *[do3.stride(i) for i in range(5)],
                *[lse3.stride(i) for i in range(4)], *r_strides,
