@@ -359,7 +359,7 @@ def na_backward_triton(dout, dlse, q, k, v, out, lse, rpb, kernel_size, stride, 
                *[lse3.stride(i) for i in range(4)], *r_strides,
                L[0], L[1], L[2], heads_q, heads_kv, head_dim, head_dim_v, scale)
     # with a bias the dq pass takes single-row tiles on axis 0: one bias row per key row (see the kernel)
-    tq_dq = tq if rpb is None else (1, *_tiles(2, max(head_dim, head_dim_v))[0][1:])
+    tq_dq = tq if rpb is None or tq[0] == 1 else _tiles(2, max(head_dim, head_dim_v))[0]
     drpb = partial = None
     bins = 1
     if rpb is not None:
