@@ -54,9 +54,22 @@ def _nat(official_class: str, kwargs: Dict[str, Any]):
     return NAT, args, checkpoint_filter_fn
 
 
+def _from_module(module: str) -> Converter:
+    """A family whose model file defines ``convert_official(official_class, official_kwargs)`` returning
+    ``(model_class, model_kwargs, checkpoint_filter_fn)``; imported on first use."""
+    def convert(official_class: str, kwargs: Dict[str, Any]):
+        import importlib
+        return importlib.import_module(module).convert_official(official_class, kwargs)
+    return convert
+
+
 _FAMILIES: Dict[str, Converter] = {
     'nat': _nat,
     'dinat': _nat,
+    'mala': _from_module('visionmix.models.mala'),
+    'rala': _from_module('visionmix.models.mala'),
+    'inline': _from_module('visionmix.models.inline'),
+    'l2vit': _from_module('visionmix.models.l2vit'),
 }
 
 
