@@ -8,12 +8,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import resolve_backend, triton_dtype_ok
 from .reference import (
     DEFAULT_FEATURE_MAP,
     FEATURE_MAPS,
     FORMS,
     apply_rope,
+    feature_map_fn,
     linear_attention_reference,
     rala_key_weights,
     rotate_every_two,
@@ -108,6 +109,86 @@ def linear_attention(
     """
     feature_map = check_args(q, k, v, form, feature_map, rope, key_weights, temperature)
     tensors = [t for t in (q, k, v, key_weights, temperature) if t is not None]
-    resolve_backend(backend, *tensors)
-    return linear_attention_reference(q, k, v, form, feature_map, rope, key_weights, scale, eps, temperature,
-                                      denom_floor)
+    if resolve_backend(backend, *tensors) == 'torch':
+        return linear_attention_reference(q, k, v, form, feature_map, rope, key_weights, scale, eps, temperature,
+                                          denom_floor)
+    if not triton_dtype_ok(q.dtype):
+        raise ValueError(f"the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    n_keys = k.shape[1]
+    if form == 'rala':  # softmax-weighted keys computed here; their gradient flows back through autograd
+        key_weights = rala_key_weights(feature_map_fn(q.float(), feature_map), feature_map_fn(k.float(), feature_map),
+                                       s).to(q.dtype)
+        form, c = 'normalized', 1.0 / n_keys
+    elif form == 'normalized':
+        c = 1.0 if scale is None else s
+    elif form in ('mala', 'inline'):
+        c = s / n_keys
+    else:
+        c = 1.0
+    cos, sin = rope if rope is not None else (None, None)
+    if key_weights is not None:
+        key_weights = key_weights.to(q.dtype)
+    out, _, _, _ = _la_forward_op(q, k, v, key_weights, cos, sin, temperature, form, feature_map, c, float(eps),
+                                  float(denom_floor))
+    return out
+
+
+@torch.library.custom_op('visionmix::la_forward', mutates_args=())
+def _la_forward_op(
+        q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
+        tau: Optional[Tensor], form: str, feature_map: str, c: float, eps: float, floor: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .triton_la import la_forward_triton
+    rope = (cos, sin) if cos is not None else None
+    return la_forward_triton(q, k, v, w, rope, tau, form, feature_map, c, eps, floor)
+
+
+def _padded(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@_la_forward_op.register_fake
+def _(q, k, v, w, cos, sin, tau, form, feature_map, c, eps, floor):
+    bh = q.shape[0] * q.shape[2]
+    bd, bdv = _padded(q.shape[-1]), _padded(v.shape[-1])
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(bh, bd, bdv, **f32), q.new_empty(bh, bd, **f32),
+            q.new_empty(bh, bdv, **f32))
+
+
+@torch.library.custom_op('visionmix::la_backward', mutates_args=())
+def _la_backward_op(
+        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], cos: Optional[Tensor],
+        sin: Optional[Tensor], tau: Optional[Tensor], summary: Tensor, z: Tensor, vmean: Tensor, form: str,
+        feature_map: str, c: float, eps: float, floor: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .triton_la import la_backward_triton
+    rope = (cos, sin) if cos is not None else None
+    dq, dk, dv, dw, dtau = la_backward_triton(dout, q, k, v, w, rope, tau, summary, z, vmean, form, feature_map, c,
+                                              eps, floor)
+    return dq, dk, dv, (dw if dw is not None else q.new_zeros(0)), (dtau if dtau is not None else q.new_zeros(0))
+
+
+@_la_backward_op.register_fake
+def _(dout, q, k, v, w, cos, sin, tau, summary, z, vmean, form, feature_map, c, eps, floor):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(w) if w is not None else q.new_empty(0),
+            torch.empty_like(tau) if tau is not None else q.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, w, cos, sin, tau, form, feature_map, c, eps, floor = inputs
+    _, summary, z, vmean = output
+    ctx.save_for_backward(q, k, v, w, cos, sin, tau, summary, z, vmean)
+    ctx.args = (form, feature_map, c, eps, floor)
+
+
+def _backward(ctx, dout, *_):
+    q, k, v, w, cos, sin, tau, summary, z, vmean = ctx.saved_tensors
+    dq, dk, dv, dw, dtau = _la_backward_op(dout.contiguous(), q, k, v, w, cos, sin, tau, summary, z, vmean, *ctx.args)
+    return (dq, dk, dv, dw if w is not None else None, None, None, dtau if tau is not None else None,
+            None, None, None, None, None)
+
+
+_la_forward_op.register_autograd(_backward, setup_context=_setup_context)
