@@ -35,6 +35,29 @@ def _window(xg, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexp
 
 
 @triton.jit
+def _tile_coords(pid, L0, L1, L2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Program id -> (dilation group, tile index, group length) on every axis (forward's order)."""
+    nt2 = tl.cdiv(tl.cdiv(L2, D2), T2)
+    nt1 = tl.cdiv(tl.cdiv(L1, D1), T1)
+    nt0 = tl.cdiv(tl.cdiv(L0, D0), T0)
+    t2 = pid % nt2
+    pid = pid // nt2
+    g2 = pid % D2
+    pid = pid // D2
+    t1 = pid % nt1
+    pid = pid // nt1
+    g1 = pid % D1
+    pid = pid // D1
+    t0 = pid % nt0
+    g0 = pid // nt0
+    gl0 = (L0 - g0 + D0 - 1) // D0
+    gl1 = (L1 - g1 + D1 - 1) // D1
+    gl2 = (L2 - g2 + D2 - 1) // D2
+    return g0, g1, g2, t0, t1, t2, gl0, gl1, gl2
+
+
+@triton.jit
 def _na_fwd_kernel(
         Q, Kt, V, RPB, Out, LSE,
         sq_b, sq_0, sq_1, sq_2, sq_h,
@@ -62,23 +85,7 @@ def _na_fwd_kernel(
     h = bh % HEADS_Q
     hk = h // (HEADS_Q // HEADS_KV)
 
-    # program id -> (group, tile) on every axis
-    nt2 = tl.cdiv(tl.cdiv(L2, D2), TQ2)
-    nt1 = tl.cdiv(tl.cdiv(L1, D1), TQ1)
-    nt0 = tl.cdiv(tl.cdiv(L0, D0), TQ0)
-    t2 = pid % nt2
-    pid = pid // nt2
-    g2 = pid % D2
-    pid = pid // D2
-    t1 = pid % nt1
-    pid = pid // nt1
-    g1 = pid % D1
-    pid = pid // D1
-    t0 = pid % nt0
-    g0 = pid // nt0
-    gl0 = (L0 - g0 + D0 - 1) // D0
-    gl1 = (L1 - g1 + D1 - 1) // D1
-    gl2 = (L2 - g2 + D2 - 1) // D2
+    g0, g1, g2, t0, t1, t2, gl0, gl1, gl2 = _tile_coords(pid, L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
 
     offs_q = tl.arange(0, BLOCK_Q)
     xq0 = t0 * TQ0 + offs_q // (TQ1 * TQ2)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreter_mode
-from .triton_na import LOG2E, _as_3d, _num_warps, _tiles, _window
+from .triton_na import LOG2E, _as_3d, _num_warps, _tile_coords, _tiles, _window
 
 
 @triton.jit
@@ -48,29 +48,6 @@ def _query_range(a, b, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.c
         hi = tl.where(active & (start > b), mid, hi)
         lo = tl.where(active & (start <= b), mid + 1, lo)
     return first, lo - 1
-
-
-@triton.jit
-def _tile_coords(pid, L0, L1, L2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
-    """Program id -> (dilation group, tile index, group length) on every axis (forward's order)."""
-    nt2 = tl.cdiv(tl.cdiv(L2, D2), T2)
-    nt1 = tl.cdiv(tl.cdiv(L1, D1), T1)
-    nt0 = tl.cdiv(tl.cdiv(L0, D0), T0)
-    t2 = pid % nt2
-    pid = pid // nt2
-    g2 = pid % D2
-    pid = pid // D2
-    t1 = pid % nt1
-    pid = pid // nt1
-    g1 = pid % D1
-    pid = pid // D1
-    t0 = pid % nt0
-    g0 = pid // nt0
-    gl0 = (L0 - g0 + D0 - 1) // D0
-    gl1 = (L1 - g1 + D1 - 1) // D1
-    gl2 = (L2 - g2 + D2 - 1) // D2
-    return g0, g1, g2, t0, t1, t2, gl0, gl1, gl2
 
 
 @triton.jit
