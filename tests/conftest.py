@@ -1,5 +1,7 @@
 import os
 import pathlib
+import sys
+import types
 
 import pytest
 import torch
@@ -41,3 +43,20 @@ def pytest_configure(config):
         return
     from tests.timm_suite.fetch import fetch_timm_model_tests
     fetch_timm_model_tests()
+
+
+@pytest.fixture
+def fake_yacs(monkeypatch):
+    """A module named like yacs' config, so a CfgNode-bearing checkpoint can be written without yacs."""
+    module, package = types.ModuleType('yacs.config'), types.ModuleType('yacs')
+
+    class CfgNode(dict):
+        def __init__(self, init_dict=None):
+            super().__init__(init_dict or {})
+            self.__dict__['__immutable__'] = False
+
+    CfgNode.__module__, CfgNode.__qualname__ = 'yacs.config', 'CfgNode'
+    module.CfgNode, package.config = CfgNode, module
+    monkeypatch.setitem(sys.modules, 'yacs', package)
+    monkeypatch.setitem(sys.modules, 'yacs.config', module)
+    return CfgNode

@@ -3,29 +3,11 @@ import argparse
 import io
 import os
 import sys
-import types
 
 import pytest
 import torch
 
 from visionmix.checkpoint import UnsafeCheckpointError, load_checkpoint
-
-
-@pytest.fixture
-def fake_yacs(monkeypatch):
-    """A module named like yacs' config, so a CfgNode-bearing checkpoint can be written without yacs."""
-    module, package = types.ModuleType('yacs.config'), types.ModuleType('yacs')
-
-    class CfgNode(dict):
-        def __init__(self, init_dict=None):
-            super().__init__(init_dict or {})
-            self.__dict__['__immutable__'] = False
-
-    CfgNode.__module__, CfgNode.__qualname__ = 'yacs.config', 'CfgNode'
-    module.CfgNode, package.config = CfgNode, module
-    monkeypatch.setitem(sys.modules, 'yacs', package)
-    monkeypatch.setitem(sys.modules, 'yacs.config', module)
-    return CfgNode
 
 
 def _saved(obj) -> io.BytesIO:

@@ -9,11 +9,11 @@ import argparse
 import collections
 import pickle
 import types
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
-__all__ = ['load_checkpoint', 'UnsafeCheckpointError']
+__all__ = ['load_checkpoint', 'load_release_weights', 'UnsafeCheckpointError']
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -84,3 +84,22 @@ def load_checkpoint(path, map_location='cpu') -> Dict[str, Any]:
     if hasattr(path, 'seek'):
         path.seek(0)
     return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_pickle_module)
+
+
+def load_release_weights(model: torch.nn.Module, path, checkpoint_filter_fn: Callable) -> None:
+    """Load an original release file (or a state_dict in either layout) into ``model``.
+
+    This is what the families' ``load_pretrained`` run when timm's pretrained cfg sets ``custom_load``:
+    the file is read with ``load_checkpoint``, converted by the family's ``checkpoint_filter_fn`` and loaded
+    strictly, except that a classifier whose shape differs from the model's (another ``num_classes``) is
+    left initialised, as timm does for its own weights.
+    """
+    state_dict = checkpoint_filter_fn(load_checkpoint(path), model)
+    classifiers = getattr(model, 'pretrained_cfg', {}).get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    own = model.state_dict()
+    mismatched = [k for c in classifiers for k in (f'{c}.weight', f'{c}.bias')
+                  if k in state_dict and (k not in own or own[k].shape != state_dict[k].shape)]
+    for k in mismatched:
+        state_dict[k] = own[k]
+    model.load_state_dict(state_dict, strict=True)

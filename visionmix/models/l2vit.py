@@ -43,6 +43,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
+from visionmix.checkpoint import load_release_weights
 from visionmix.kernels import linear_attention
 
 __all__ = ['L2ViT']
@@ -431,13 +432,7 @@ class L2ViT(nn.Module):
         ``weights_only`` loader refuses; the pretrained cfgs set ``custom_load`` so that timm calls this.
         A classifier whose shape differs from this model's (other ``num_classes``) is left initialised.
         """
-        state_dict = checkpoint_filter_fn(_torch_load_release(checkpoint_path), self)
-        own = self.state_dict()
-        head_keys = [k for k in ('head.fc.weight', 'head.fc.bias')
-                     if k in state_dict and (k not in own or own[k].shape != state_dict[k].shape)]
-        for k in head_keys:
-            del state_dict[k]
-        self.load_state_dict(state_dict, strict=not head_keys)
+        load_release_weights(self, checkpoint_path, checkpoint_filter_fn)
 
     def forward_intermediates(
             self,
@@ -531,13 +526,6 @@ def remap_official_key(key: str) -> str:
     if parts[0] == 'head':
         return 'head.fc.' + '.'.join(parts[1:])
     return key
-
-
-def _torch_load_release(path: str) -> Dict[str, Any]:
-    """Load an original release file: a training dict whose ``args`` is an ``argparse.Namespace``."""
-    import argparse
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: L2ViT) -> Dict[str, torch.Tensor]:
