@@ -10,6 +10,22 @@ import visionmix  # noqa: F401  (registers the models before timm's tests are co
 VISIONMIX_MODELS = sorted(
     name for name in timm.list_models() if registry.model_entrypoint(name).__module__.startswith('visionmix.'))
 
+# timm routes its cls-token families (vit_*, deit*, ...) to the *_non_std tests through test_models.NON_STD_FILTERS,
+# a list given to timm.list_models when the parametrizations are built; visionmix's cls-token families join it there.
+VISIONMIX_NON_STD_FILTERS = ['inline_deit_*', 'test_inline_deit']
+_timm_list_models = timm.list_models
+
+
+def _list_models_with_visionmix_non_std(*args, **kwargs):
+    for key in ('filter', 'exclude_filters'):
+        value = kwargs.get(key)
+        if isinstance(value, (list, tuple)) and 'deit*' in value:  # NON_STD_FILTERS, or a list built from it
+            kwargs[key] = list(value) + VISIONMIX_NON_STD_FILTERS
+    return _timm_list_models(*args, **kwargs)
+
+
+timm.list_models = _list_models_with_visionmix_non_std  # before test_models.py does `from timm import list_models`
+
 # timm runs its forward_intermediates tests only for model modules named in FEAT_INTER_FILTERS;
 # list visionmix models under one of those modules so they get those tests too.
 registry._module_to_models['swin_transformer'].update(VISIONMIX_MODELS)
