@@ -1,0 +1,1 @@
+"""The parts of ``tools/benchmark.py``: shared machinery, neighborhood attention, linear attention and models."""
