@@ -140,8 +140,9 @@ def test_features_only(name):
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         feats = model(x)
-    if 'deit' in name:  # like timm's ViT: the last three blocks, NCHW maps at the patch stride
-        assert len(feats) == 3 and all(f.shape == (1, 64, size // 8, size // 8) for f in feats)
+    if 'deit' in name:  # not hierarchical: four evenly spaced blocks, NCHW maps at the patch stride
+        assert len(feats) == 4 and all(f.shape == (1, 64, size // 8, size // 8) for f in feats)
+        assert [info['module'] for info in model.feature_info.get_dicts()] == [f'blocks.{i}' for i in range(4)]
     else:
         assert len(feats) == 4
         assert [f.shape[1] for f in feats] == model.feature_info.channels()

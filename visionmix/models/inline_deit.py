@@ -300,7 +300,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_inline_deit(variant: str, pretrained: bool = False, **kwargs) -> InLineDeiT:
-    out_indices = kwargs.pop('out_indices', 3)
+    # four maps for dense prediction, from evenly spaced blocks as ViT detection/segmentation backbones take them
+    depth = kwargs.get('depth', 12)
+    out_indices = kwargs.pop('out_indices', tuple(sorted({max(0, depth * (i + 1) // 4 - 1) for i in range(4)})))
     return build_model_with_cfg(
         InLineDeiT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -329,6 +331,6 @@ def inline_deit_base(pretrained=False, **kwargs) -> InLineDeiT:
 
 @register_model
 def test_inline_deit(pretrained=False, **kwargs) -> InLineDeiT:
-    model_args = dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2,
+    model_args = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2,
                       drop_path_rate=0.1)
     return _create_inline_deit('test_inline_deit', pretrained=pretrained, **dict(model_args, **kwargs))
