@@ -90,6 +90,14 @@ def test_routed_regions_on_token_grids(grid, region):
     assert (out - ref).abs().max() < 1e-12
 
 
+def test_meta_tensors_give_shapes():
+    q = torch.empty(2, 20, 4, 8, device='meta')
+    k, v = torch.empty(2, 20, 2, 8, device='meta'), torch.empty(2, 20, 2, 6, device='meta')
+    idx = torch.zeros(1, 1, 3, 2, dtype=torch.long, device='meta')
+    out, lse = block_sparse_attention(q, k, v, idx, block_size=8, validate_index=False, return_lse=True)
+    assert out.shape == (2, 20, 4, 6) and lse.shape == (2, 20, 4)
+
+
 def test_transpose_index_lists_query_blocks_of_each_key_block():
     idx = torch.tensor([[[[2, 0, 1], [1, 3, 3], [0, 2, 2]]]])
     num = torch.tensor([[[2, 1, 2]]])

@@ -27,9 +27,10 @@ def uniform_offsets(num_tokens: int, block_size: int) -> Tuple[int, ...]:
 
 def block_token_table(offsets: Sequence[int], device=None) -> Tensor:
     """``[num_blocks, max_block_len]`` token ids of each block, ``-1`` past a block's end."""
-    offsets = torch.as_tensor(list(offsets), dtype=torch.long, device=device)
+    offsets = [int(x) for x in offsets]
+    width = max([b - a for a, b in zip(offsets[:-1], offsets[1:])] + [1])  # from the host list: meta tensors work
+    offsets = torch.as_tensor(offsets, dtype=torch.long, device=device)
     lengths = offsets[1:] - offsets[:-1]
-    width = max(int(lengths.max()), 1) if lengths.numel() else 1
     pos = torch.arange(width, device=device)
     table = offsets[:-1, None] + pos
     return torch.where(pos < lengths[:, None], table, -1)
@@ -129,10 +130,10 @@ def block_sparse_attention_reference(
     probs = torch.exp(logits - lse.masked_fill(torch.isinf(lse), 0)[..., None])
     out = torch.einsum('bhmls,bhmsd->bhmld', probs, v_sel)
 
-    keep = (q_tok >= 0).flatten()
-    rows = q_tok.flatten()[keep]
-    out_full = out.new_zeros(B, hq, nq, out.shape[-1])
-    lse_full = lse.new_full((B, hq, nq), float('-inf'))
-    out_full[:, :, rows] = out.flatten(2, 3)[:, :, keep]
-    lse_full[:, :, rows] = lse.flatten(2, 3)[:, :, keep]
+    # blocks are consecutive token ranges, so the valid rows of the [blocks x longest] layout, in order, are 0..Nq-1
+    starts = list(q_offsets)
+    keep = torch.tensor([i * lq + j for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])) for j in range(b - a)],
+                        dtype=torch.long, device=device)
+    out_full = out.flatten(2, 3)[:, :, keep]
+    lse_full = lse.flatten(2, 3)[:, :, keep]
     return out_full.permute(0, 2, 1, 3).to(q.dtype), lse_full.permute(0, 2, 1).float()
