@@ -7,6 +7,7 @@ import torch
 
 from visionmix.kernels.block_sparse import (
     block_sparse_attention,
+    block_sparse_attention_reference,
     block_sparse_mask,
     block_token_table,
     transpose_index,
@@ -50,8 +51,9 @@ def grid_partition(grid, region):
 # ---------------------------------------------------------------------------------------------------------------
 # reference: the gathered form against the dense masked definition
 
+@pytest.mark.parametrize('gather', [True, False], ids=['gathered', 'dense'])
 @pytest.mark.parametrize('causal', [False, True])
-def test_reference_matches_dense_definition(causal):
+def test_reference_matches_dense_definition(causal, gather):
     g = torch.Generator().manual_seed(0)
     B, nq, nk, H, Hk = 2, 37, 45, 4, 2
     q_off, k_off = [0, 5, 17, 30, 37], [0, 3, 10, 20, 33, 45]
@@ -60,8 +62,7 @@ def test_reference_matches_dense_definition(causal):
     v = torch.randn(B, nk, Hk, 5, generator=g, dtype=torch.float64)
     idx, num = random_index(B, H, 4, 5, 3, g)
     key_mask = torch.rand(B, nk, generator=g) > 0.2
-    out, lse = block_sparse_attention(q, k, v, idx, num, q_block_offsets=q_off, k_block_offsets=k_off,
-                                      key_mask=key_mask, is_causal=causal, return_lse=True, backend='torch')
+    out, lse = block_sparse_attention_reference(q, k, v, idx, num, q_off, k_off, key_mask, causal, gather=gather)
     mask = block_sparse_mask(idx, num, q_off, k_off, key_mask, causal)
     ref_out, ref_lse = dense_attention(q, k, v, mask, 8 ** -0.5)
     assert (out - ref_out).abs().max() < 1e-12

@@ -94,7 +94,7 @@ def check_args(q, k, v, kv_indices, kv_num_blocks, q_offsets, k_offsets, key_mas
             raise ValueError(f"key_mask must be a bool tensor [batch, key tokens] = {tuple(k.shape[:2])}, got {shape}")
         if key_mask.device != q.device:
             raise ValueError(f"key_mask must be on the device of q ({q.device}), got {key_mask.device}")
-    if validate_index and kv_indices.numel():
+    if validate_index and kv_indices.numel() and kv_indices.device.type != 'meta':
         slots = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
         used = slots < (kv_num_blocks[..., None] if kv_num_blocks is not None else kv_indices.shape[-1])
         if kv_num_blocks is not None and bool(((kv_num_blocks < 0) | (kv_num_blocks > kv_indices.shape[-1])).any()):
@@ -134,7 +134,7 @@ def block_sparse_attention(
         scale: logit scale, default ``head_dim ** -0.5``.
         return_lse: also return the natural-log logsumexp ``[B, Nq, Hq]`` (float32; ``-inf`` for empty rows).
         validate_index: check ids are in range and listed once per row (a device sync; models whose index is
-            valid by construction, e.g. from ``topk``, pass False).
+            valid by construction, e.g. from ``topk``, pass False; meta tensors are never checked).
         backend: ``'auto'`` (Triton on CUDA, reference elsewhere), ``'triton'`` or ``'torch'``.
     """
     if not torch.is_tensor(q) or not torch.is_tensor(k):

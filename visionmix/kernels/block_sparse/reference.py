@@ -83,23 +83,44 @@ def transpose_index(
     return order.to(torch.int32), counts
 
 
+def _dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, acc: torch.dtype):
+    group = q.shape[2] // k.shape[2]
+    kh = k.to(acc).repeat_interleave(group, dim=2)
+    vh = v.to(acc).repeat_interleave(group, dim=2)
+    logits = torch.einsum('bqhd,bkhd->bhqk', q.to(acc), kh) * scale
+    logits = logits.masked_fill(~mask, float('-inf'))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.masked_fill(torch.isinf(lse), 0)[..., None])
+    out = torch.einsum('bhqk,bkhd->bqhd', probs, vh)
+    return out.to(q.dtype), lse.permute(0, 2, 1).float()
+
+
 def block_sparse_attention_reference(
         q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_num_blocks: Optional[Tensor],
         q_offsets: Sequence[int], k_offsets: Sequence[int], key_mask: Optional[Tensor] = None,
-        is_causal: bool = False, scale: Optional[float] = None,
+        is_causal: bool = False, scale: Optional[float] = None, gather: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``(out [B, Nq, Hq, Dv], lse [B, Nq, Hq] float32)`` for heads-last ``q [B, Nq, Hq, D]``,
     ``k [B, Nk, Hkv, D]``, ``v [B, Nk, Hkv, Dv]`` (``Hq`` a multiple of ``Hkv``).
 
     Each query block's listed key blocks are gathered (memory ``B*Hq*Nq*listed_keys*D``, the footprint of
     the original routed-attention code) and attended with a masked softmax in float32 (float64 inputs
-    stay float64).
+    stay float64). When the padded lists would gather more than all keys (one dense row among sparse ones),
+    the dense masked softmax is computed instead (``gather`` forces one way).
     """
     B, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = d ** -0.5 if scale is None else scale
     device = q.device
+    q_longest = max(b - a for a, b in zip(q_offsets[:-1], q_offsets[1:]))
+    k_longest = max(b - a for a, b in zip(k_offsets[:-1], k_offsets[1:]))
+    if gather is None:
+        gather = (len(q_offsets) - 1) * q_longest * kv_indices.shape[-1] * k_longest <= nq * nk
+    if not gather:
+        # padded lists (a dense text row, say) would gather more than every key: the dense masked form is cheaper
+        mask = block_sparse_mask(kv_indices, kv_num_blocks, q_offsets, k_offsets, key_mask, is_causal)
+        return _dense_masked_attention(q, k, v, mask, scale, acc)
     q_tok = block_token_table(q_offsets, device)  # [Mq, Lq]
     k_tok = block_token_table(k_offsets, device)  # [Mk, Lk]
     mq, lq = q_tok.shape
