@@ -97,6 +97,9 @@ def test_meta_tensors_give_shapes():
     idx = torch.zeros(1, 1, 3, 2, dtype=torch.long, device='meta')
     out, lse = block_sparse_attention(q, k, v, idx, block_size=8, validate_index=False, return_lse=True)
     assert out.shape == (2, 20, 4, 6) and lse.shape == (2, 20, 4)
+    for gather in (True, False):
+        out, _ = block_sparse_attention_reference(q, k, v, idx, None, [0, 8, 16, 20], [0, 8, 16, 20], gather=gather)
+        assert out.shape == (2, 20, 4, 6)
 
 
 def test_transpose_index_lists_query_blocks_of_each_key_block():

@@ -56,9 +56,9 @@ def block_sparse_mask(
     block_mask.scatter_(-1, torch.where(valid, kv_indices.long(), num_k_blocks), True)
     block_mask = block_mask[..., :num_k_blocks]
     q_block_of = torch.repeat_interleave(torch.arange(len(q_offsets) - 1, device=device),
-                                         torch.as_tensor(list(q_offsets), device=device).diff())
+                                         torch.as_tensor(list(q_offsets), device=device).diff(), output_size=nq)
     k_block_of = torch.repeat_interleave(torch.arange(num_k_blocks, device=device),
-                                         torch.as_tensor(list(k_offsets), device=device).diff())
+                                         torch.as_tensor(list(k_offsets), device=device).diff(), output_size=nk)
     mask = block_mask[:, :, q_block_of][..., k_block_of]
     if is_causal:
         causal = torch.arange(nk, device=device)[None, :] <= torch.arange(nq, device=device)[:, None] + (nk - nq)
