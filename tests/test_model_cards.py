@@ -25,6 +25,7 @@ CARD_MODULES = {
     'inline.md': ('inline_deit', 'inline_pvt', 'inline_swin', 'inline_cswin'),
     'l2vit.md': ('l2vit',),
     'nat.md': ('nat',),
+    'biformer.md': ('biformer',),
 }
 MODEL_COLUMN = 'model'
 PARAMS_COLUMN = 'params (M)'

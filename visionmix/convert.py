@@ -70,6 +70,7 @@ _FAMILIES: Dict[str, Converter] = {
     'rala': _from_module('visionmix.models.mala'),
     'inline': _from_module('visionmix.models.inline'),
     'l2vit': _from_module('visionmix.models.l2vit'),
+    'biformer': _from_module('visionmix.models.biformer'),
 }
 
 

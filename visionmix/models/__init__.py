@@ -1,7 +1,8 @@
 """Model families, registered with timm on import (one file per family)."""
+from .biformer import BiFormer
 from .inline import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
 from .l2vit import L2ViT
 from .mala import MALA
 from .nat import NAT
 
-__all__ = ['L2ViT', 'MALA', 'NAT', 'InLineDeiT', 'InLinePVT', 'InLineSwin', 'InLineCSwin']
+__all__ = ['BiFormer', 'L2ViT', 'MALA', 'NAT', 'InLineDeiT', 'InLinePVT', 'InLineSwin', 'InLineCSwin']
