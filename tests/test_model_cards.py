@@ -26,6 +26,7 @@ CARD_MODULES = {
     'l2vit.md': ('l2vit',),
     'nat.md': ('nat',),
     'biformer.md': ('biformer',),
+    'grat_vit.md': ('grat_vit',),
 }
 MODEL_COLUMN = 'model'
 PARAMS_COLUMN = 'params (M)'

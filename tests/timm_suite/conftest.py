@@ -12,7 +12,7 @@ VISIONMIX_MODELS = sorted(
 
 # timm routes its cls-token families (vit_*, deit*, ...) to the *_non_std tests through test_models.NON_STD_FILTERS,
 # a list given to timm.list_models when the parametrizations are built; visionmix's cls-token families join it there.
-VISIONMIX_NON_STD_FILTERS = ['inline_deit_*', 'test_inline_deit']
+VISIONMIX_NON_STD_FILTERS = ['inline_deit_*', 'test_inline_deit', 'vit_*_grat', 'deit_*_grat', 'test_vit_grat']
 _timm_list_models = timm.list_models
 
 

@@ -1,4 +1,5 @@
 """Model families, registered with timm on import (one file per family)."""
+from . import grat_vit  # noqa: F401  (timm ViT/DeiT with GRAT attention)
 from .biformer import BiFormer
 from .inline import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
 from .l2vit import L2ViT
