@@ -12,6 +12,12 @@ flash-bidirectional-linear-attention)::
     python tools/benchmark.py --op linear --mode both
     python tools/benchmark.py --op linear --shape 8x56x56x1x64 --form mala
 
+Block-sparse attention (GRAT, BiFormer and MoBA-like indices, against SDPA dense and masked and flex attention)::
+
+    python tools/benchmark.py --op block_sparse --mode both
+    python tools/benchmark.py --op bsa --cases 'grat-*' --dtype bf16
+    python tools/benchmark.py --op bsa --shape 1x32768x16x128 --block-size 128 --density 0.1 --causal
+
 Models registered with timm (``import visionmix`` registers the visionmix ones)::
 
     python tools/benchmark.py --model nat_mini --mode both --batch 64
@@ -21,7 +27,7 @@ Models registered with timm (``import visionmix`` registers the visionmix ones):
 Results are printed as a markdown table and written as ``.json``, ``.md`` and ``.png`` under
 ``benchmarks/results/<device>/`` (``--out-dir`` overrides). See ``benchmarks/README.md``.
 The work is done by ``tools/bench/``: ``common`` (timing, agreement checks, result files),
-``neighborhood``, ``linear_attention`` and ``models``.
+``neighborhood``, ``linear_attention``, ``block_sparse`` and ``models``.
 """
 import argparse
 import sys
@@ -33,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.bench import linear_attention, models, neighborhood  # noqa: E402
+from tools.bench import block_sparse, linear_attention, models, neighborhood  # noqa: E402
 from tools.bench.common import (  # noqa: E402
     DEFAULT_RESULTS_DIR,
     DTYPES,
@@ -45,8 +51,9 @@ from tools.bench.common import (  # noqa: E402
 )
 from visionmix.kernels.linear_attention import FEATURE_MAPS, FORMS  # noqa: E402
 
-OP_ALIASES = {'la': 'linear'}
-OP_CHOICES = sorted(neighborhood.OPS) + ['linear', *OP_ALIASES]
+OP_ALIASES = {'la': 'linear', 'bsa': 'block_sparse'}
+OP_CHOICES = sorted(neighborhood.OPS) + ['linear', 'block_sparse', *OP_ALIASES]
+BLOCK_SPARSE_FLAGS = ('block_size', 'density', 'topk', 'cases')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         description='Benchmark visionmix ops or timm-registered models against baselines, side by side.')
     what = parser.add_mutually_exclusive_group()
     what.add_argument('--op', choices=OP_CHOICES,
-                      help='operator to benchmark: neighborhood attention, or global linear attention '
-                           '(linear, alias la); default na2d')
+                      help='operator to benchmark: neighborhood attention, global linear attention '
+                           '(linear, alias la) or block-sparse attention (block_sparse, alias bsa); default na2d')
     what.add_argument('--model', help="registered model name or wildcard, e.g. nat_mini or 'dinat_*'")
     what.add_argument('--list-models', action='store_true', help='print the visionmix models and exit')
     parser.add_argument('--mode', choices=('fwd', 'fwdbwd', 'both'), default='fwd',
@@ -66,27 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--iters', type=int, default=None, help='timed iterations (default 50 on CUDA, 10 on CPU)')
     parser.add_argument('--warmup', type=int, default=None, help='untimed calls first (default 10 on CUDA, 2 on CPU)')
     parser.add_argument('--batch', type=int, default=None,
-                        help='batch size (ops: 8 on CUDA, 1 on CPU; models: 64 on CUDA, 2 on CPU)')
+                        help='batch size (ops: 8 on CUDA, 1 on CPU, but 1 for the GRAT and MoBA cases of '
+                             'block_sparse; models: 64 on CUDA, 2 on CPU)')
     parser.add_argument('--impls', default=None,
                         help=f"comma-separated subset of implementations (neighborhood ops: "
                              f"{','.join(neighborhood.IMPLS)}; linear: {','.join(linear_attention.IMPLS)}; "
-                             f"models: {','.join(models.IMPLS)})")
+                             f"block_sparse: {','.join(block_sparse.IMPLS)}; models: {','.join(models.IMPLS)})")
     parser.add_argument('--with-flex', action='store_true', help='include flex attention on CPU (slow to compile)')
     parser.add_argument('--out-dir', type=Path, default=None,
                         help='where to write json/md/png (default benchmarks/results/<device>)')
     case = parser.add_argument_group('custom op case (replaces the default cases)')
     case.add_argument('--shape', help='na ops: spatial dims (56x56) or the full heads-last shape (8x56x56x2x32); '
-                                      'linear: tokens (3136 or 56x56) or the full shape (8x3136x2x32 or 8x56x56x2x32)')
+                                      'linear: tokens (3136 or 56x56) or the full shape (8x3136x2x32 or 8x56x56x2x32); '
+                                      'block_sparse: tokens (16384) or the full shape (1x16384x4x64)')
     case.add_argument('--kernel-size', help='na ops: kernel size, one value or one per axis (default 7)')
     case.add_argument('--dilation', help='na ops: dilation, one value or one per axis (default 1)')
     case.add_argument('--heads', type=int, default=None, help='heads (default 4)')
     case.add_argument('--head-dim', type=int, default=None, help='head dim (default 32)')
-    case.add_argument('--causal', action='store_true', help='na ops: causal along every axis')
+    case.add_argument('--causal', action='store_true',
+                      help='na ops: causal along every axis; block_sparse: block-causal (own block, causal inside, '
+                           'plus random earlier blocks)')
     case.add_argument('--form', choices=FORMS,
                       help='linear: form of the custom case (default normalized), or without --shape the '
                            'default cases of that form only')
     case.add_argument('--feature-map', choices=FEATURE_MAPS,
                       help="linear: feature map of the custom case (default: the form's)")
+    case.add_argument('--block-size', type=int, default=None,
+                      help='block_sparse: tokens per block of the custom case '
+                           f'(default {block_sparse.CUSTOM_BLOCK_SIZE})')
+    case.add_argument('--topk', type=int, default=None,
+                      help='block_sparse: key blocks per query block of the custom case, chosen at random')
+    case.add_argument('--density', type=float, default=None,
+                      help='block_sparse: fraction of key blocks per query block of the custom case instead of '
+                           f'--topk (default {block_sparse.CUSTOM_DENSITY})')
+    parser.add_argument('--cases', default=None,
+                        help="block_sparse: run only the default cases matching these comma-separated glob patterns, "
+                             "e.g. 'grat-*,moba-*'")
     model = parser.add_argument_group('models')
     model.add_argument('--img-size', type=int, default=None, help="input size (default pretrained_cfg['input_size'])")
     return parser
@@ -137,11 +159,21 @@ def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
             parser.error(f'--impls takes a subset of {", ".join(known)}, got {unknown or args.impls}')
     if args.model is not None:
         custom = given_flags(args, 'shape', 'kernel_size', 'dilation', 'heads', 'head_dim', 'causal', 'form',
-                             'feature_map')
+                             'feature_map', *BLOCK_SPARSE_FLAGS)
         if custom:
             parser.error(f'{", ".join(custom)}: only for op cases, not with --model')
         return args
-    if args.op == 'linear':
+    only_block_sparse = given_flags(args, *BLOCK_SPARSE_FLAGS)
+    if only_block_sparse and args.op != 'block_sparse':
+        parser.error(f'{", ".join(only_block_sparse)}: only for --op block_sparse, not with --op {args.op}')
+    if args.op == 'block_sparse':
+        other = given_flags(args, 'kernel_size', 'dilation', 'form', 'feature_map')
+        if other:
+            parser.error(f'{", ".join(other)}: not for --op block_sparse')
+        if args.cases is not None and args.shape is not None:
+            parser.error('--cases picks default cases; it does not go with --shape')
+        custom = given_flags(args, 'heads', 'head_dim', 'causal', 'block_size', 'topk', 'density')
+    elif args.op == 'linear':
         other = given_flags(args, 'kernel_size', 'dilation', 'causal')
         if other:
             parser.error(f'{", ".join(other)}: only for neighborhood ops, not with --op linear')
@@ -160,7 +192,7 @@ def benchmark_module(args):
     """The module that runs what ``args`` asks for; each has ``IMPLS``, ``TABLE`` and ``run(args, parser)``."""
     if args.model is not None:
         return models
-    return linear_attention if args.op == 'linear' else neighborhood
+    return {'linear': linear_attention, 'block_sparse': block_sparse}.get(args.op, neighborhood)
 
 
 def main(argv=None) -> dict:

@@ -262,3 +262,199 @@ def test_linear_argument_errors(benchmark, capsys, tmp_path, argv, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --op block_sparse
+
+BSA_CASE = ['--op', 'block_sparse', '--shape', '1x256x2x16', '--block-size', '32', '--device', 'cpu', '--iters', '2',
+            '--warmup', '1']
+BSA_OK = ('visionmix', 'visionmix-ref', 'sdpa-masked')
+
+
+@pytest.fixture(scope='module')
+def bsa(benchmark):
+    return importlib.import_module('tools.bench.block_sparse')
+
+
+def dense_pattern(bsa_module, case):
+    """The case's dense ``[B, H, N, N]`` mask from the op's own expansion."""
+    from visionmix.kernels.block_sparse import block_sparse_mask
+    key_mask = None if case.key_mask is None else case.key_mask.expand(case.batch, -1)
+    mask = block_sparse_mask(case.kv_indices, case.kv_num_blocks, case.offsets, case.offsets, key_mask,
+                             case.is_causal)
+    return mask.expand(case.batch, case.heads, -1, -1)
+
+
+def test_block_sparse_tiny_case_writes_results(benchmark, tmp_path):
+    result = benchmark.main(BSA_CASE + ['--topk', '3', '--mode', 'both', '--out-dir', str(tmp_path)])
+
+    for ext in ('json', 'md', 'png'):
+        path = Path(result['files'][ext])
+        assert path.parent == tmp_path and path.stat().st_size > 0, path
+    assert Path(result['files']['json']).name == 'block_sparse_both_fp32_random-256-b32-top3.json'
+    saved = json.loads(Path(result['files']['json']).read_text())
+    assert saved['op'] == 'block_sparse' and saved['device'] == 'cpu' and len(saved['rows']) == len(result['rows'])
+
+    for mode in ('fwd', 'fwdbwd'):
+        rows = rows_by(result, mode)
+        for impl in BSA_OK:
+            row = rows[impl]
+            assert row['status'] == 'ok', (impl, mode, row['note'])
+            assert row['latency_ms'] > 0 and row['throughput'] > 0 and row['ratio'] > 0
+            assert row['tokens'] == 256 and row['pattern'] == 'random top-3' and row['blocks'] == '32'
+            assert row['density'] == pytest.approx(3 / 8) and row['keys_per_query'] == pytest.approx(96)
+        assert rows['visionmix']['ratio'] == pytest.approx(1.0)
+        assert rows['visionmix-ref']['rel_err'] < 1e-5 and rows['sdpa-masked']['rel_err'] < 1e-4
+        dense = rows['sdpa-dense']
+        assert dense['status'] == 'ok' and (dense['rel_err'] < 1e-4 if mode == 'fwd' else dense['rel_err'] is None)
+        assert rows['flex']['status'] == 'skipped' and '--with-flex' in rows['flex']['note']
+
+    markdown = Path(result['files']['md']).read_text()
+    assert '| density |' in markdown and '| 37.5% |' in markdown and '| sdpa-masked |' in markdown
+
+
+def test_block_sparse_alias_causal_density_and_case_filter(benchmark, tmp_path):
+    result = benchmark.main(BSA_CASE + ['--op', 'bsa', '--density', '0.5', '--causal', '--impls',
+                                        'visionmix,sdpa-masked', '--out-dir', str(tmp_path)])
+    rows = rows_by(result, 'fwd')
+    assert rows['sdpa-masked']['status'] == 'ok' and rows['sdpa-masked']['rel_err'] < 1e-4
+    assert rows['visionmix']['case'] == 'random-256-b32-top4-causal' and rows['visionmix']['is_causal']
+
+    result = benchmark.main(['--op', 'bsa', '--cases', 'biformer-t-224-s3', '--device', 'cpu', '--iters', '1',
+                             '--warmup', '1', '--impls', 'visionmix,sdpa-masked', '--out-dir', str(tmp_path)])
+    assert {row['case'] for row in result['rows']} == {'biformer-t-224-s3'}
+    assert all(row['status'] == 'ok' for row in result['rows'])
+    assert Path(result['files']['json']).name == 'block_sparse_fwd_fp32_biformer-t-224-s3.json'
+    assert any('small versions' in note for note in result['notes'])
+
+
+def test_block_sparse_patterns_agree_with_dense_mask(bsa, common):
+    """GRAT (2-D and 3-D, text after with padding keys, text first), BiFormer (index per image) and MoBA-like
+    (per head, causal, a short last block): density and keys per query match the dense mask, and visionmix,
+    the reference and SDPA with the dense mask agree on outputs and gradients."""
+    cases = [
+        bsa.grat_case('grat-x', (8, 8), 4, 'X', 2, 16, 2, text_tokens=16, attenable_text=10),
+        bsa.grat_case('grat-b-3d', (4, 8, 8), (2, 4, 4), 'B', 2, 16, 1, text_tokens=32, text_first=True),
+        bsa.biformer_case('biformer', 8, 2, 2, 2, batch=2, head_dim=16),
+        bsa.moba_case('moba', 200, 32, 3, 2, 16, 1),
+    ]
+    args = types.SimpleNamespace(modes=('fwd', 'fwdbwd'), warmup=1, iters=1)
+    for case in cases:
+        mask = dense_pattern(bsa, case)
+        assert case.keys_per_query() == pytest.approx(mask.float().sum(-1).mean().item()), case.name
+        allowed = case.block_allowed()
+        assert case.density() == pytest.approx(allowed.float().mean().item()), case.name
+        impls = bsa.build_block_sparse_impls(case, torch.device('cpu'), ['visionmix', 'visionmix-ref', 'sdpa-dense',
+                                                                       'sdpa-masked'], False)
+        q, k, v = bsa.make_block_sparse_inputs(case, torch.device('cpu'), torch.float32)
+        rows = common.benchmark_case(case, impls, q, k, v, args, torch.device('cpu'), torch.float32)
+        for row in rows:
+            assert row['status'] == 'ok', (case.name, row['impl'], row['mode'], row['note'])
+            assert row['rel_err'] is None or row['rel_err'] < 1e-4, (case.name, row['impl'], row['mode'])
+    assert cases[0].key_mask is not None and cases[2].kv_indices.shape[:2] == (2, 1)
+    assert cases[3].kv_indices.shape[:2] == (1, 2) and cases[3].offsets[-2:] == (192, 200)
+
+
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
+def test_block_sparse_flex_block_masks(bsa, common, monkeypatch):
+    """flex with its BlockMask, run eagerly (no compile on CPU): the block lists FlexAttention skips by match the
+    index, full blocks are fully visible, and the output agrees with visionmix (from_kv_blocks and mask_mod)."""
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: fn)
+    uniform = bsa.moba_case('moba', 200, 32, 3, 2, 16, 1)
+    uniform.key_mask = torch.ones(1, 200, dtype=torch.bool)
+    uniform.key_mask[0, 70:75] = False  # block 2 partly hidden: never a full block
+    grat = bsa.grat_case('grat', (8, 8), 4, 'B', 2, 16, 1, text_tokens=16, attenable_text=10)
+    for case, how in ((uniform, 'from_kv_blocks'), (grat, 'mask_mod')):
+        [flex] = bsa.build_block_sparse_impls(case, torch.device('cpu'), ['flex'], with_flex=True)
+        assert flex.skip is None and how in flex.note
+        if how == 'from_kv_blocks':
+            block_mask, _ = bsa.flex_block_mask(case, torch.device('cpu'))
+            assert torch.equal(block_mask.to_dense().bool(), case.block_allowed())  # partial and full lists
+            partial_num, _, full_num, full_idx = bsa.split_full_blocks(case, 32)
+            assert partial_num.sum() > 0 and full_num.sum() > 0
+            assert partial_num.sum() + full_num.sum() == case.kv_num_blocks.sum()
+            dense = dense_pattern(bsa, case)[0]
+            for h in range(case.heads):
+                for i in range(case.num_blocks):
+                    for j in full_idx[0, h, i, :full_num[0, h, i]].tolist():
+                        assert j != 2 and dense[h, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32].all(), (h, i, j)
+        impls = bsa.build_block_sparse_impls(case, torch.device('cpu'), ['visionmix'], False) + [flex]
+        q, k, v = bsa.make_block_sparse_inputs(case, torch.device('cpu'), torch.float32)
+        errors = common.check_agreement(impls, q, k, v, case, torch.float32)
+        assert errors['flex'] < 1e-4 and flex.skip is None
+
+
+def test_block_sparse_disagreeing_impl_is_not_timed(bsa, common):
+    case = bsa.grat_case('grat', (8, 8), 4, 'X', 2, 16, 1, text_tokens=16, attenable_text=10)
+    impls = bsa.build_block_sparse_impls(case, torch.device('cpu'), ['visionmix', 'sdpa-masked'], False)
+    masked = next(impl for impl in impls if impl.name == 'sdpa-masked')
+    forward = masked.fn
+    impls.append(common.OpImpl('wrong', fn=lambda q, k, v: v))
+    impls.append(common.OpImpl('bad-grads', layout='heads_first',
+                               fn=lambda q, k, v: forward(q, k, v) + (k - k.detach())))  # right output, wrong dk
+    q, k, v = bsa.make_block_sparse_inputs(case, torch.device('cpu'), torch.float32)
+    args = types.SimpleNamespace(modes=('fwd', 'fwdbwd'), warmup=1, iters=1)
+    by = {(row['impl'], row['mode']): row for row in common.benchmark_case(case, impls, q, k, v, args,
+                                                                           torch.device('cpu'), torch.float32)}
+    assert by['sdpa-masked', 'fwdbwd']['status'] == 'ok' and by['sdpa-masked', 'fwdbwd']['latency_ms'] > 0
+    for mode in ('fwd', 'fwdbwd'):
+        wrong = by['wrong', mode]
+        assert wrong['status'] == 'skipped' and wrong['latency_ms'] is None
+        assert 'disagrees with visionmix' in wrong['note']
+    assert by['bad-grads', 'fwd']['status'] == 'ok'
+    bad = by['bad-grads', 'fwdbwd']
+    assert bad['status'] == 'skipped' and bad['latency_ms'] is None and 'gradients disagree' in bad['note']
+
+
+def test_block_sparse_memory_budgets(bsa, monkeypatch):
+    monkeypatch.setitem(bsa.MASKED_MAX_ELEMENTS, 'cpu', 1000)
+    monkeypatch.setitem(bsa.REFERENCE_MAX_ELEMENTS, 'cpu', 1000)
+    case = bsa.biformer_case('tiny', 8, 2, 2, 2, batch=1, head_dim=16)
+    impls = bsa.build_block_sparse_impls(case, torch.device('cpu'), ['visionmix-ref', 'sdpa-masked', 'sdpa-dense'],
+                                         False)
+    ref, masked, dense = impls
+    assert ref.fn is None and 'budget' in ref.skip
+    assert masked.fn is None and 'exceed' in masked.skip and 'budget' in masked.skip
+    assert dense.skip is None
+
+
+def test_block_sparse_default_cases(bsa):
+    gpu = {case.name: case for case in bsa.default_block_sparse_cases(torch.device('cuda'), None)}
+    tokens = {name: case.seq_len for name, case in gpu.items()}
+    assert tokens['grat-b-flux-1024px'] == 64 * 64 + 512
+    assert [tokens[f'grat-x-hyv-{t}x48x80'] for t in (8, 16, 32)] == [30720 + 256, 61440 + 256, 122880 + 256]
+    assert gpu['grat-x-hyv-32x48x80'].heads == 24 and gpu['grat-x-hyv-32x48x80'].head_dim == 128
+    assert gpu['grat-b-flux-1024px'].offsets[:3] == (0, 512, 768)  # text first, then 256-token groups
+    assert gpu['grat-x-hyv-32x48x80'].key_mask[0, 122880:].sum() == bsa.HYV_VALID_TEXT
+    # GRAT-X on the 8x6x10 group grid: 165 of 480 key groups plus the text block per image query block
+    assert gpu['grat-x-hyv-32x48x80'].kv_num_blocks[0, 0, 0] == 166
+    assert [gpu[f'biformer-t-224-s{s}'].keys_per_query() for s in (1, 2, 3)] == [64, 64, 64]
+    assert gpu['biformer-t-224-s3'].block_size == 4 and bsa.flex_block_size(gpu['biformer-t-224-s3']) is None
+    assert bsa.flex_block_size(gpu['moba-32k-b512-top3']) == 512
+    cpu = bsa.default_block_sparse_cases(torch.device('cpu'), None)
+    assert len(cpu) == len(gpu) - 4 and max(case.seq_len for case in cpu) <= 16384
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--op', 'bsa', '--shape', '1x256x2x16', '--block-size', '32', '--topk', '9'], '--topk must lie in [1, 8]'),
+    (['--op', 'bsa', '--shape', '256', '--density', '1.5'], '--density is the fraction'),
+    (['--op', 'bsa', '--shape', '256', '--density', '0.5', '--topk', '2'], 'give one'),
+    (['--op', 'bsa', '--shape', '256', '--block-size', '512'], '--block-size must lie in [1, tokens = 256]'),
+    (['--op', 'bsa', '--shape', '2x256x4'], '--shape for block_sparse takes'),
+    (['--op', 'bsa', '--shape', '1x256x2x16', '--heads', '4'], 'already sets batch, heads and head_dim'),
+    (['--op', 'bsa', '--topk', '2'], 'needs --shape'),
+    (['--op', 'bsa', '--kernel-size', '7'], 'not for --op block_sparse'),
+    (['--op', 'bsa', '--cases', 'nope'], 'matches no default case'),
+    (['--op', 'bsa', '--cases', 'grat-*', '--shape', '256'], 'does not go with --shape'),
+    (['--op', 'bsa', '--impls', 'natten'], '--impls takes a subset of'),
+    (['--op', 'na2d', '--block-size', '64'], 'only for --op block_sparse'),
+    (['--op', 'linear', '--density', '0.5'], 'only for --op block_sparse'),
+    (['--model', 'nat_mini', '--topk', '2'], 'not with --model'),
+])
+def test_block_sparse_argument_errors(benchmark, capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(argv + ['--device', 'cpu', '--out-dir', str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
