@@ -100,6 +100,7 @@ def main(argv=None) -> list:
     jobs = [(s, b) for s in args.img_size for b in args.backends]
     for size, backend in tqdm(jobs, desc=f'{args.model} peak memory', unit='run', file=sys.stderr):
         rows.append(measure(args.model, size, backend, args.batch, args.device))
+        tqdm.write(f"{args.model} {size} px {backend}: {rows[-1]['peak_mib']:,.0f} MiB", file=sys.stderr)
     print(f'| model | input | backend | peak MiB (fwd+bwd, batch {args.batch}, {args.device}) |')
     print('|:--|--:|:--|--:|')
     for r in rows:
