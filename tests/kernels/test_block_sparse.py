@@ -127,6 +127,7 @@ CASES = {
     'tiny_regions_shared': (2, 64, 64, 3, 3, 16, 24, (4, 4), 5, False, False, 1),
     'large_blocks_short_tail': (1, 150, 150, 2, 1, 32, 32, (64, 64), 2, True, True, 2),
     'cross_attention': (1, 24, 70, 2, 2, 16, 16, (8, 10), 4, True, False, 1),
+    'wide_heads': (1, 40, 40, 2, 1, 160, 144, ([0, 9, 25, 40], [0, 16, 32, 40]), 2, False, True, 2),
 }
 
 

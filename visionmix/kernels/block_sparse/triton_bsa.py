@@ -23,7 +23,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _key_tile(j0, n_listed, LIST, KOFF, blk_len, Nk, KM, km_base, sk_tok,
+def _key_tile(j0, n_listed, LIST, blk_len, Nk, KM, km_base, sk_tok,
               BLOCK_N: tl.constexpr, PACKED: tl.constexpr, HAS_KM: tl.constexpr):
     """Token ids and validity of the key tile starting at virtual position ``j0`` (packed mode) or at token
     ``j0`` (per-block mode, where ``n_listed`` is the block's end)."""
@@ -41,6 +41,22 @@ def _key_tile(j0, n_listed, LIST, KOFF, blk_len, Nk, KM, km_base, sk_tok,
     if HAS_KM:
         valid = valid & (tl.load(KM + km_base + tok * sk_tok, mask=valid, other=0) != 0)
     return tok, valid
+
+
+@triton.jit
+def _listed_span(s_i, n_listed, LIST, OFF, blk_len, PACKED: tl.constexpr):
+    """``(start, end, bound)`` walked for list entry ``s_i``: the whole packed virtual sequence (bound = entries
+    listed), or the tokens of one listed block (bound = its end token)."""
+    if PACKED:
+        start = 0
+        end = n_listed * blk_len
+        bound = n_listed
+    else:
+        blk = tl.load(LIST + s_i)
+        start = tl.load(OFF + blk)
+        end = tl.load(OFF + blk + 1)
+        bound = end
+    return start, end, bound
 
 
 @triton.jit
@@ -84,17 +100,9 @@ def _bsa_fwd_kernel(
     else:
         n_outer = n_listed
     for s_i in range(0, n_outer):
-        if PACKED:
-            start = 0
-            end = n_listed * k_blk_len
-            bound = n_listed
-        else:
-            blk = tl.load(list_ptr + s_i)
-            start = tl.load(KOFF + blk)
-            end = tl.load(KOFF + blk + 1)
-            bound = end
+        start, end, bound = _listed_span(s_i, n_listed, list_ptr, KOFF, k_blk_len, PACKED)
         for j0 in range(start, end, BLOCK_N):
-            tok, k_valid = _key_tile(j0, bound, list_ptr, KOFF, k_blk_len, Nk, KM, km_base, skm_n,
+            tok, k_valid = _key_tile(j0, bound, list_ptr, k_blk_len, Nk, KM, km_base, skm_n,
                                      BLOCK_N, PACKED, HAS_KM)
             kb = tl.load(Kt + b * sk_b + hk * sk_h + tok[:, None] * sk_n + offs_d[None, :],
                          mask=k_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -146,6 +154,20 @@ def pow2_tile(longest: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(longest)))
 
 
+def tile_sizes(own_offsets: List[int], listed_offsets: List[int], slots: int, wide: bool):
+    """``(own_tile, listed_tile, listed_len)`` for a pass whose programs own tiles of ``own_offsets`` blocks and
+    walk listed blocks of ``listed_offsets``: ``listed_len`` is their common length when uniform (packed walk),
+    else None (per-block walk)."""
+    cap = 32 if wide else 64
+    own_tile = pow2_tile(max(b - a for a, b in zip(own_offsets[:-1], own_offsets[1:])), cap)
+    listed_len = uniform_length(listed_offsets)
+    if listed_len is not None:
+        listed_tile = pow2_tile(listed_len * max(1, slots), cap)
+    else:
+        listed_tile = pow2_tile(max(b - a for a, b in zip(listed_offsets[:-1], listed_offsets[1:])), cap)
+    return own_tile, listed_tile, listed_len
+
+
 def num_warps(head_dim: int) -> int:
     if interpreter_mode():
         return 1
@@ -186,14 +208,7 @@ def bsa_forward_triton(
     if B * nq * hq == 0:
         return out, lse
     precision, upcast, wide = launch_settings(q, max(d, dv))
-    q_len = max(b - a for a, b in zip(q_offsets[:-1], q_offsets[1:]))
-    k_len = uniform_length(k_offsets)
-    block_m = pow2_tile(q_len, 32 if wide else 64)
-    if k_len is not None:
-        block_n = 32 if wide else 64
-        block_n = min(block_n, pow2_tile(k_len * max(1, kv_indices.shape[-1]), block_n))
-    else:
-        block_n = pow2_tile(max(b - a for a, b in zip(k_offsets[:-1], k_offsets[1:])), 32 if wide else 64)
+    block_m, block_n, k_len = tile_sizes(q_offsets, k_offsets, kv_indices.shape[-1], wide)
     tiles = tile_table(q_offsets, block_m, q.device)
     idx, num = index_views(kv_indices, kv_num_blocks, B, hq)
     koff = torch.tensor(k_offsets, dtype=torch.int32, device=q.device)

@@ -13,12 +13,12 @@ from .reference import transpose_index
 from .triton_bsa import (
     LOG2E,
     _key_tile,
+    _listed_span,
     index_views,
     launch_settings,
     num_warps,
-    pow2_tile,
+    tile_sizes,
     tile_table,
-    uniform_length,
 )
 
 
@@ -68,17 +68,9 @@ def _bsa_bwd_dq_kernel(
     else:
         n_outer = n_listed
     for s_i in range(0, n_outer):
-        if PACKED:
-            start = 0
-            end = n_listed * k_blk_len
-            bound = n_listed
-        else:
-            blk = tl.load(list_ptr + s_i)
-            start = tl.load(KOFF + blk)
-            end = tl.load(KOFF + blk + 1)
-            bound = end
+        start, end, bound = _listed_span(s_i, n_listed, list_ptr, KOFF, k_blk_len, PACKED)
         for j0 in range(start, end, BLOCK_N):
-            tok, k_valid = _key_tile(j0, bound, list_ptr, KOFF, k_blk_len, Nk, KM, km_base, skm_n,
+            tok, k_valid = _key_tile(j0, bound, list_ptr, k_blk_len, Nk, KM, km_base, skm_n,
                                      BLOCK_N, PACKED, HAS_KM)
             kb = tl.load(Kt + b * sk_b + hk * sk_h + tok[:, None] * sk_n + offs_d[None, :],
                          mask=k_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -162,15 +154,7 @@ def _bsa_bwd_dkdv_kernel(
         else:
             n_outer = n_listed
         for s_i in range(0, n_outer):
-            if PACKED:
-                start = 0
-                end = n_listed * q_blk_len
-                bound = n_listed
-            else:
-                blk = tl.load(list_ptr + s_i)
-                start = tl.load(QOFF + blk)
-                end = tl.load(QOFF + blk + 1)
-                bound = end
+            start, end, bound = _listed_span(s_i, n_listed, list_ptr, QOFF, q_blk_len, PACKED)
             for j0 in range(start, end, BLOCK_M):
                 rows, q_valid = _query_tile(j0, bound, list_ptr, q_blk_len, Nq, BLOCK_M, PACKED)
                 q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :],
@@ -223,16 +207,9 @@ def bsa_backward_triton(
     block_dv = max(16, triton.next_power_of_2(dv_dim))
     km = key_mask.view(torch.uint8) if key_mask is not None else lse
     km_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    cap = 32 if wide else 64
 
     # dq: query tiles over their listed key blocks, as the forward
-    q_len = max(b - a for a, b in zip(q_offsets[:-1], q_offsets[1:]))
-    k_uniform = uniform_length(k_offsets)
-    block_m = pow2_tile(q_len, cap)
-    if k_uniform is not None:
-        block_n = min(cap, pow2_tile(k_uniform * max(1, kv_indices.shape[-1]), cap))
-    else:
-        block_n = pow2_tile(max(b - a for a, b in zip(k_offsets[:-1], k_offsets[1:])), cap)
+    block_m, block_n, k_uniform = tile_sizes(q_offsets, k_offsets, kv_indices.shape[-1], wide)
     q_tiles = tile_table(q_offsets, block_m, q.device)
     idx, num = index_views(kv_indices, kv_num_blocks, B, hq)
     koff = torch.tensor(k_offsets, dtype=torch.int32, device=q.device)
@@ -253,13 +230,7 @@ def bsa_backward_triton(
     num_k_blocks = len(k_offsets) - 1
     q_idx, q_num = transpose_index(kv_indices, kv_num_blocks, num_k_blocks)
     q_idx, q_num = index_views(q_idx, q_num, B, hq)
-    q_uniform = uniform_length(q_offsets)
-    k_len = max(b - a for a, b in zip(k_offsets[:-1], k_offsets[1:]))
-    block_n = pow2_tile(k_len, cap)
-    if q_uniform is not None:
-        block_m = min(cap, pow2_tile(q_uniform * max(1, q_idx.shape[-1]), cap))
-    else:
-        block_m = pow2_tile(q_len, cap)
+    block_n, block_m, q_uniform = tile_sizes(k_offsets, q_offsets, q_idx.shape[-1], wide)
     k_tiles = tile_table(k_offsets, block_n, q.device)
     qoff = torch.tensor(q_offsets, dtype=torch.int32, device=q.device)
     _bsa_bwd_dkdv_kernel[(k_tiles.shape[0], B * hkv)](
