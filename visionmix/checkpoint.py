@@ -92,7 +92,8 @@ def load_release_weights(model: torch.nn.Module, path, checkpoint_filter_fn: Cal
     This is what the families' ``load_pretrained`` run when timm's pretrained cfg sets ``custom_load``:
     the file is read with ``load_checkpoint``, converted by the family's ``checkpoint_filter_fn`` and loaded
     strictly, except that a classifier whose shape differs from the model's (another ``num_classes``) is
-    left initialised, as timm does for its own weights.
+    left initialised and one the model does not have (``num_classes=0``) is dropped, as timm does for its own
+    weights.
     """
     state_dict = checkpoint_filter_fn(load_checkpoint(path), model)
     classifiers = getattr(model, 'pretrained_cfg', {}).get('classifier') or ()
@@ -101,5 +102,8 @@ def load_release_weights(model: torch.nn.Module, path, checkpoint_filter_fn: Cal
     mismatched = [k for c in classifiers for k in (f'{c}.weight', f'{c}.bias')
                   if k in state_dict and (k not in own or own[k].shape != state_dict[k].shape)]
     for k in mismatched:
-        state_dict[k] = own[k]
+        if k in own:
+            state_dict[k] = own[k]
+        else:  # no classifier at all (num_classes=0)
+            del state_dict[k]
     model.load_state_dict(state_dict, strict=True)

@@ -115,6 +115,10 @@ def test_pretrained_loading_through_timm(tmp_path):
         dims=kw['dims'], depths=kw['depths'], num_heads=kw['num_heads'], num_classes=3)
     assert torch.equal(other.stem.conv1.weight, model.stem.conv1.weight.float())
     assert other.get_classifier().out_features == 3
+    headless = timm.create_model(  # no classifier at all: the released one is dropped
+        'l2vit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=True),
+        dims=kw['dims'], depths=kw['depths'], num_heads=kw['num_heads'], num_classes=0)
+    assert torch.equal(headless.stem.conv1.weight, model.stem.conv1.weight.float())
     # loading an already-converted state dict is a no-op; 'module.' prefixes are stripped
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
     prefixed = {'module.' + k: v for k, v in case['state_dict'].items()}
