@@ -27,6 +27,7 @@ CARD_MODULES = {
     'nat.md': ('nat',),
     'biformer.md': ('biformer',),
     'grat_vit.md': ('grat_vit',),
+    'vcmamba.md': ('vcmamba',),
 }
 MODEL_COLUMN = 'model'
 PARAMS_COLUMN = 'params (M)'

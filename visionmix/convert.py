@@ -71,6 +71,7 @@ _FAMILIES: Dict[str, Converter] = {
     'inline': _from_module('visionmix.models.inline'),
     'l2vit': _from_module('visionmix.models.l2vit'),
     'biformer': _from_module('visionmix.models.biformer'),
+    'vcmamba': _from_module('visionmix.models.vcmamba'),
 }
 
 

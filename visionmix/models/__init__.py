@@ -5,5 +5,6 @@ from .inline import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
 from .l2vit import L2ViT
 from .mala import MALA
 from .nat import NAT
+from .vcmamba import VCMamba
 
-__all__ = ['BiFormer', 'L2ViT', 'MALA', 'NAT', 'InLineDeiT', 'InLinePVT', 'InLineSwin', 'InLineCSwin']
+__all__ = ['BiFormer', 'L2ViT', 'MALA', 'NAT', 'InLineDeiT', 'InLinePVT', 'InLineSwin', 'InLineCSwin', 'VCMamba']
