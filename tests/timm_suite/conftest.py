@@ -1,5 +1,6 @@
 """Run timm's own model test suite (``test_models.py`` from timm's sdist) on every visionmix model."""
 import os
+import re
 
 import pytest
 import timm
@@ -36,6 +37,11 @@ DOWNLOAD_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained'
 # timm marks this one "slow, excluded from CI": it prunes at every stage and checks the same code paths for any
 # size, so it runs on the tiny variants (VISIONMIX_SLOW=1 runs it on every model)
 TINY_ONLY_TESTS = ('test_prune_intermediate_layers_contract',)
+# tracing and scripting follow the same code at every width and depth: the larger sizes (base, medium, large) of
+# a family run them with VISIONMIX_SLOW=1; the tiny, mini, small and special variants always do
+TRACE_TESTS = ('test_model_forward_fx', 'test_model_backward_fx', 'test_model_forward_torchscript',
+               'test_pruned_features_torchscript', 'test_feature_getter_stage_ends_torchscript')
+LARGE_SIZES = re.compile(r'_(base|medium|large)(_|$)')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,8 +53,11 @@ def pytest_collection_modifyitems(config, items):
         if name is not None and name.split('.')[0] in VISIONMIX_MODELS:
             if item.originalname in DOWNLOAD_TESTS and not os.environ.get('VISIONMIX_ONLINE'):
                 item.add_marker(pytest.mark.skip(reason='downloads released weights (set VISIONMIX_ONLINE=1)'))
-            if (item.originalname in TINY_ONLY_TESTS and not name.startswith('test_')
-                    and not os.environ.get('VISIONMIX_SLOW')):
+            slow = os.environ.get('VISIONMIX_SLOW')
+            if item.originalname in TINY_ONLY_TESTS and not name.startswith('test_') and not slow:
+                drop.append(item)
+                continue
+            if item.originalname in TRACE_TESTS and LARGE_SIZES.search(name) and not slow:
                 drop.append(item)
                 continue
             keep.append(item)
