@@ -63,9 +63,10 @@ def selective_scan_reference(
     drive = (dt * u_c)[:, :, None, :] * b_t
     h = u_c.new_zeros(batch, dim, a.shape[1])
     ys = []
-    for t in range(length):
-        h = decay[..., t] * h + drive[..., t]
-        ys.append((h * c_t[..., t]).sum(-1))
+    # unbind: one backward for all steps (indexing step by step would build a full-size gradient per step)
+    for decay_t, drive_t, c_step in zip(decay.unbind(-1), drive.unbind(-1), c_t.unbind(-1)):
+        h = decay_t * h + drive_t
+        ys.append((h * c_step).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u_c.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + D.to(cdt)[:, None] * u_c
