@@ -18,6 +18,13 @@ Block-sparse attention (GRAT, BiFormer and MoBA-like indices, against SDPA dense
     python tools/benchmark.py --op bsa --cases 'grat-*' --dtype bf16
     python tools/benchmark.py --op bsa --shape 1x32768x16x128 --block-size 128 --density 0.1 --causal
 
+Selective scan (VCMamba's four-direction layers and Mamba language-model layers, against the PyTorch reference,
+one call per direction and mamba-ssm; on CPU run it with TRITON_INTERPRET=1 to use Triton's interpreter)::
+
+    python tools/benchmark.py --op selective_scan --mode both
+    python tools/benchmark.py --op selective_scan --cases 'vcmamba-*-224' --dtype bf16
+    python tools/benchmark.py --op selective_scan --shape 8x1024x32x32 --d-state 16
+
 Models registered with timm (``import visionmix`` registers the visionmix ones)::
 
     python tools/benchmark.py --model nat_mini --mode both --batch 64
@@ -27,7 +34,7 @@ Models registered with timm (``import visionmix`` registers the visionmix ones):
 Results are printed as a markdown table and written as ``.json``, ``.md`` and ``.png`` under
 ``benchmarks/results/<device>/`` (``--out-dir`` overrides). See ``benchmarks/README.md``.
 The work is done by ``tools/bench/``: ``common`` (timing, agreement checks, result files),
-``neighborhood``, ``linear_attention``, ``block_sparse`` and ``models``.
+``neighborhood``, ``linear_attention``, ``block_sparse``, ``selective_scan`` and ``models``.
 """
 import argparse
 import sys
@@ -39,7 +46,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.bench import block_sparse, linear_attention, models, neighborhood  # noqa: E402
+from tools.bench import block_sparse, linear_attention, models, neighborhood, selective_scan  # noqa: E402
 from tools.bench.common import (  # noqa: E402
     DEFAULT_RESULTS_DIR,
     DTYPES,
@@ -52,8 +59,9 @@ from tools.bench.common import (  # noqa: E402
 from visionmix.kernels.linear_attention import FEATURE_MAPS, FORMS  # noqa: E402
 
 OP_ALIASES = {'la': 'linear', 'bsa': 'block_sparse'}
-OP_CHOICES = sorted(neighborhood.OPS) + ['linear', 'block_sparse', *OP_ALIASES]
+OP_CHOICES = sorted(neighborhood.OPS) + ['linear', 'block_sparse', 'selective_scan', *OP_ALIASES]
 BLOCK_SPARSE_FLAGS = ('block_size', 'density', 'topk', 'cases')
+CASES_OPS = ('block_sparse', 'selective_scan')  # ops whose default cases --cases can pick from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group()
     what.add_argument('--op', choices=OP_CHOICES,
                       help='operator to benchmark: neighborhood attention, global linear attention '
-                           '(linear, alias la) or block-sparse attention (block_sparse, alias bsa); default na2d')
+                           '(linear, alias la), block-sparse attention (block_sparse, alias bsa) or the selective '
+                           'scan (selective_scan); default na2d')
     what.add_argument('--model', help="registered model name or wildcard, e.g. nat_mini or 'dinat_*'")
     what.add_argument('--list-models', action='store_true', help='print the visionmix models and exit')
     parser.add_argument('--mode', choices=('fwd', 'fwdbwd', 'both'), default='fwd',
@@ -73,19 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--iters', type=int, default=None, help='timed iterations (default 50 on CUDA, 10 on CPU)')
     parser.add_argument('--warmup', type=int, default=None, help='untimed calls first (default 10 on CUDA, 2 on CPU)')
     parser.add_argument('--batch', type=int, default=None,
-                        help='batch size (ops: 8 on CUDA, 1 on CPU, but 1 for the GRAT and MoBA cases of '
-                             'block_sparse; models: 64 on CUDA, 2 on CPU)')
+                        help='batch size (ops, selective_scan included: 8 on CUDA, 1 on CPU, but 1 for the GRAT '
+                             'and MoBA cases of block_sparse; models: 64 on CUDA, 2 on CPU)')
     parser.add_argument('--impls', default=None,
                         help=f"comma-separated subset of implementations (neighborhood ops: "
                              f"{','.join(neighborhood.IMPLS)}; linear: {','.join(linear_attention.IMPLS)}; "
-                             f"block_sparse: {','.join(block_sparse.IMPLS)}; models: {','.join(models.IMPLS)})")
+                             f"block_sparse: {','.join(block_sparse.IMPLS)}; selective_scan: "
+                             f"{','.join(selective_scan.IMPLS)}; models: {','.join(models.IMPLS)})")
     parser.add_argument('--with-flex', action='store_true', help='include flex attention on CPU (slow to compile)')
     parser.add_argument('--out-dir', type=Path, default=None,
                         help='where to write json/md/png (default benchmarks/results/<device>)')
     case = parser.add_argument_group('custom op case (replaces the default cases)')
     case.add_argument('--shape', help='na ops: spatial dims (56x56) or the full heads-last shape (8x56x56x2x32); '
                                       'linear: tokens (3136 or 56x56) or the full shape (8x3136x2x32 or 8x56x56x2x32); '
-                                      'block_sparse: tokens (16384) or the full shape (1x16384x4x64)')
+                                      'block_sparse: tokens (16384) or the full shape (1x16384x4x64); '
+                                      'selective_scan: DIMxL or BxDIMxL (one gated scan, 1536x2048) or BxDIMxHxW '
+                                      '(four snake scans of an HxW token map, 8x1024x16x16)')
     case.add_argument('--kernel-size', help='na ops: kernel size, one value or one per axis (default 7)')
     case.add_argument('--dilation', help='na ops: dilation, one value or one per axis (default 1)')
     case.add_argument('--heads', type=int, default=None, help='heads (default 4)')
@@ -106,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument('--density', type=float, default=None,
                       help='block_sparse: fraction of key blocks per query block of the custom case instead of '
                            f'--topk (default {block_sparse.CUSTOM_DENSITY})')
+    case.add_argument('--d-state', type=int, default=None,
+                      help='selective_scan: state size N of the custom case '
+                           f'(default {selective_scan.DEFAULT_D_STATE})')
     parser.add_argument('--cases', default=None,
-                        help="block_sparse: run only the default cases matching these comma-separated glob patterns, "
-                             "e.g. 'grat-*,moba-*'")
+                        help="block_sparse, selective_scan: run only the default cases matching these comma-separated "
+                             "glob patterns, e.g. 'grat-*,moba-*' or 'vcmamba-*'")
     model = parser.add_argument_group('models')
     model.add_argument('--img-size', type=int, default=None, help="input size (default pretrained_cfg['input_size'])")
     return parser
@@ -159,14 +174,25 @@ def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
             parser.error(f'--impls takes a subset of {", ".join(known)}, got {unknown or args.impls}')
     if args.model is not None:
         custom = given_flags(args, 'shape', 'kernel_size', 'dilation', 'heads', 'head_dim', 'causal', 'form',
-                             'feature_map', *BLOCK_SPARSE_FLAGS)
+                             'feature_map', 'd_state', *BLOCK_SPARSE_FLAGS)
         if custom:
             parser.error(f'{", ".join(custom)}: only for op cases, not with --model')
         return args
-    only_block_sparse = given_flags(args, *BLOCK_SPARSE_FLAGS)
+    only_block_sparse = given_flags(args, *(flag for flag in BLOCK_SPARSE_FLAGS if flag != 'cases'))
     if only_block_sparse and args.op != 'block_sparse':
         parser.error(f'{", ".join(only_block_sparse)}: only for --op block_sparse, not with --op {args.op}')
-    if args.op == 'block_sparse':
+    if args.cases is not None and args.op not in CASES_OPS:
+        parser.error(f'--cases: only for --op {" or ".join(CASES_OPS)}, not with --op {args.op}')
+    if args.d_state is not None and args.op != 'selective_scan':
+        parser.error(f'--d-state: only for --op selective_scan, not with --op {args.op}')
+    if args.op == 'selective_scan':
+        other = given_flags(args, 'kernel_size', 'dilation', 'heads', 'head_dim', 'causal', 'form', 'feature_map')
+        if other:
+            parser.error(f'{", ".join(other)}: not for --op selective_scan')
+        if args.cases is not None and args.shape is not None:
+            parser.error('--cases picks default cases; it does not go with --shape')
+        custom = ['--d-state'] if args.d_state is not None else []
+    elif args.op == 'block_sparse':
         other = given_flags(args, 'kernel_size', 'dilation', 'form', 'feature_map')
         if other:
             parser.error(f'{", ".join(other)}: not for --op block_sparse')
@@ -192,7 +218,8 @@ def benchmark_module(args):
     """The module that runs what ``args`` asks for; each has ``IMPLS``, ``TABLE`` and ``run(args, parser)``."""
     if args.model is not None:
         return models
-    return {'linear': linear_attention, 'block_sparse': block_sparse}.get(args.op, neighborhood)
+    return {'linear': linear_attention, 'block_sparse': block_sparse,
+            'selective_scan': selective_scan}.get(args.op, neighborhood)
 
 
 def main(argv=None) -> dict:

@@ -458,3 +458,198 @@ def test_block_sparse_argument_errors(benchmark, capsys, tmp_path, argv, message
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --op selective_scan
+
+SS_FAST = ['--op', 'selective_scan', '--device', 'cpu', '--iters', '1', '--warmup', '1']
+
+
+@pytest.fixture(scope='module')
+def ss(benchmark):
+    return importlib.import_module('tools.bench.selective_scan')
+
+
+def triton_runs_on_cpu():
+    from visionmix.kernels._backend import interpreter_mode
+    return interpreter_mode()
+
+
+def scan_rows(ss, common, case, impls, modes=('fwd', 'fwdbwd')):
+    args = types.SimpleNamespace(modes=modes, warmup=1, iters=1)
+    rows = ss.benchmark_scan_case(case, args, torch.device('cpu'), torch.float32, impls=impls)
+    return {(row['impl'], row['mode']): row for row in rows}
+
+
+def reference_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """A stand-in for mamba-ssm's ``selective_scan_fn`` (same signature) computed by the PyTorch reference."""
+    from visionmix.kernels.selective_scan import selective_scan_reference
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def test_selective_scan_cpu_cases_run_end_to_end(benchmark, tmp_path):
+    """The CPU default cases, forward and backward: the Triton kernel (interpreter) against the reference, one
+    launch against one call per direction; mamba-ssm's rows say why it is missing, or run."""
+    result = benchmark.main(SS_FAST + ['--mode', 'both', '--out-dir', str(tmp_path)])
+
+    for ext in ('json', 'md', 'png'):
+        path = Path(result['files'][ext])
+        assert path.parent == tmp_path and path.stat().st_size > 0, path
+    assert Path(result['files']['json']).name == 'selective_scan_both_fp32.json'
+    saved = json.loads(Path(result['files']['json']).read_text())
+    assert saved['op'] == 'selective_scan' and saved['device'] == 'cpu' and saved['device_name']
+    assert len(saved['rows']) == len(result['rows']) == 2 * 2 * 4  # cases x modes x impls
+    interpreted = triton_runs_on_cpu()
+    for case, dirs in (('vcmamba-tiny-4x4', 4), ('mamba-tiny-l32', 1)):
+        for mode in ('fwd', 'fwdbwd'):
+            rows = {row['impl']: row for row in result['rows'] if row['case'] == case and row['mode'] == mode}
+            ref = rows['visionmix-ref']
+            assert ref['status'] == 'ok' and ref['latency_ms'] > 0 and ref['directions'] == dirs, ref['note']
+            assert ref['tokens'] == 16 if dirs == 4 else 32
+            if interpreted:
+                assert rows['visionmix']['status'] == 'ok' and rows['visionmix']['ratio'] == pytest.approx(1.0)
+                assert ref['rel_err'] < 1e-4 and ref['ratio'] > 0
+            else:
+                assert rows['visionmix']['status'] == 'skipped' and 'TRITON_INTERPRET' in rows['visionmix']['note']
+            loop = rows['visionmix-loop']
+            if dirs == 1:
+                assert loop['status'] == 'skipped' and 'one direction' in loop['note']
+            elif interpreted:
+                assert loop['status'] == 'ok' and loop['rel_err'] < 1e-4 and loop['ratio'] > 0, loop['note']
+            if mode == 'fwdbwd' and interpreted:
+                grads = ref['grad_rel_err']
+                assert {'du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias'} <= set(grads)
+                assert ('dz' in grads) == (dirs == 1) and ('dB_bias' in grads) == (dirs == 4)
+            mamba = rows['mamba-ssm']
+            assert mamba['status'] == 'skipped' and mamba['latency_ms'] is None and mamba['note']
+            if importlib.util.find_spec('mamba_ssm') is None:
+                assert 'not installed' in mamba['note']
+
+    markdown = Path(result['files']['md']).read_text()
+    assert '| dirs |' in markdown and '| mamba-ssm |' in markdown and '| ratio |' in markdown
+    assert 'relative RMS error' in markdown and 'tiny versions' in markdown
+    assert 'absolute numbers are not meaningful' in markdown
+
+
+def test_selective_scan_disagreeing_impl_is_not_timed(ss, common):
+    case = ss.ScanCase('tiny', 1, 8, 4, grid=(3, 4))
+    impls = ss.build_scan_impls(case, torch.device('cpu'), ['visionmix-ref'])
+    reference = impls[0].fn
+    impls.append(common.OpImpl('wrong', fn=lambda t: t['u']))
+    impls.append(common.OpImpl('bad-grads', fn=lambda t: reference(t) + (t['D'] - t['D'].detach())[:, None]))
+    by = scan_rows(ss, common, case, impls)
+
+    assert by['visionmix-ref', 'fwdbwd']['status'] == 'ok' and by['visionmix-ref', 'fwdbwd']['latency_ms'] > 0
+    for mode in ('fwd', 'fwdbwd'):
+        wrong = by['wrong', mode]
+        assert wrong['status'] == 'skipped' and wrong['latency_ms'] is None
+        assert 'disagrees with visionmix-ref' in wrong['note']
+    assert by['wrong', 'fwd']['rel_err'] > 0.5 and by['wrong', 'fwdbwd']['rel_err'] is None  # never got to backward
+    assert by['bad-grads', 'fwd']['status'] == 'ok' and by['bad-grads', 'fwd']['rel_err'] == 0
+    bad = by['bad-grads', 'fwdbwd']
+    assert bad['status'] == 'skipped' and bad['latency_ms'] is None and 'gradient dD disagrees' in bad['note']
+    assert bad['rel_err'] > 1e-2 and bad['grad_rel_err']['du'] == 0
+
+
+def test_selective_scan_mamba_ssm_stand_in(ss, common, monkeypatch):
+    """mamba-ssm's rows wired to a stand-in with selective_scan_fn's signature: one call per direction over
+    permuted u (VCMamba) and one gated call (language model) agree with the op, outputs and every gradient; a
+    stand-in that gets the op wrong is not timed, and one that raises on its first call is reported."""
+    module = types.ModuleType('mamba_ssm.ops.selective_scan_interface')
+    module.selective_scan_fn = reference_scan_fn
+    for name in ('mamba_ssm', 'mamba_ssm.ops'):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, 'mamba_ssm.ops.selective_scan_interface', module)
+    monkeypatch.setattr(ss, 'mamba_skip', lambda device: None)
+
+    for case in (ss.ScanCase('snake', 2, 8, 4, grid=(3, 4)), ss.ScanCase('lm', 1, 8, 4, 20, gate=True)):
+        by = scan_rows(ss, common, case, ss.build_scan_impls(case, torch.device('cpu'), ['visionmix-ref',
+                                                                                        'mamba-ssm']))
+        for mode in ('fwd', 'fwdbwd'):
+            row = by['mamba-ssm', mode]
+            assert row['status'] == 'ok' and row['latency_ms'] > 0 and row['rel_err'] < 1e-5, (case.name, row)
+        assert ('calls over permuted u' in by['mamba-ssm', 'fwd']['note']) == (case.grid is not None)
+
+    case = ss.ScanCase('snake', 1, 8, 4, grid=(3, 4))
+    module.selective_scan_fn = lambda u, delta, A, B, C, D, *rest: reference_scan_fn(u, delta, A, B, C, None, *rest)
+    [impl] = ss.build_scan_impls(case, torch.device('cpu'), ['mamba-ssm'])
+    errors = ss.check_scan_agreement(ss.build_scan_impls(case, torch.device('cpu'), ['visionmix-ref']) + [impl],
+                                     ss.make_scan_inputs(case, torch.device('cpu'), torch.float32), torch.float32)
+    assert errors['mamba-ssm'] > 1e-2 and 'disagrees' in impl.skip
+
+    def broken(*args):
+        raise RuntimeError('CUDA error: no kernel image is available for execution on the device')
+    module.selective_scan_fn = broken
+    by = scan_rows(ss, common, case, ss.build_scan_impls(case, torch.device('cpu'), ['visionmix-ref', 'mamba-ssm']))
+    for mode in ('fwd', 'fwdbwd'):
+        row = by['mamba-ssm', mode]
+        assert row['status'] == 'skipped' and 'failed on its first call: RuntimeError' in row['note']
+    assert by['visionmix-ref', 'fwd']['status'] == 'ok'
+
+
+def test_selective_scan_without_mamba_ssm(benchmark, ss, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'mamba_ssm', None)  # import fails as if not installed
+    result = benchmark.main(SS_FAST + ['--cases', 'mamba-*', '--impls', 'visionmix-ref,mamba-ssm',
+                                       '--out-dir', str(tmp_path)])
+    rows = rows_by(result, 'fwd')
+    assert rows['visionmix-ref']['status'] == 'ok' and {row['case'] for row in result['rows']} == {'mamba-tiny-l32'}
+    assert rows['mamba-ssm']['status'] == 'skipped' and 'not installed' in rows['mamba-ssm']['note']
+    assert Path(result['files']['json']).name == 'selective_scan_fwd_fp32_mamba-_.json'
+    assert 'not installed' in Path(result['files']['md']).read_text()
+
+    def broken_import():
+        raise RuntimeError('selective_scan_cuda was built for another torch')
+    monkeypatch.setattr(ss, 'import_mamba_scan', broken_import)
+    [impl] = ss.build_scan_impls(ss.ScanCase('lm', 1, 8, 4, 20, gate=True), torch.device('cpu'), ['mamba-ssm'])
+    assert impl.fn is None and 'unavailable: RuntimeError: selective_scan_cuda' in impl.skip
+
+
+def test_selective_scan_custom_case_and_budget(benchmark, ss, monkeypatch, tmp_path):
+    result = benchmark.main(SS_FAST + ['--shape', '2x8x3x5', '--d-state', '4', '--impls', 'visionmix-ref',
+                                       '--out-dir', str(tmp_path)])
+    [row] = result['rows']
+    assert row['status'] == 'ok' and row['case'] == 'snake4-d8-n4-3x5' and row['grid'] == [3, 5]
+    assert row['shape'] == '2x8x15' and row['directions'] == 4 and row['tokens'] == 30
+    case = ss.ScanCase('lm', 1, 8, 4, 64, gate=True)
+    monkeypatch.setitem(ss.REFERENCE_MAX_ELEMENTS, 'cpu', 1000)
+    [impl] = ss.build_scan_impls(case, torch.device('cpu'), ['visionmix-ref'])
+    assert impl.fn is None and 'budget' in impl.skip
+
+
+def test_selective_scan_default_cases(ss):
+    gpu = {case.name: case for case in ss.default_scan_cases(torch.device('cuda'), 8)}
+    assert [gpu[f'vcmamba-{v}-224'].dim for v in 'smb'] == [576, 896, 1024]
+    assert [gpu[f'vcmamba-s-{px}'].seq_len for px in (224, 512)] == [49, 256]
+    assert all(case.d_state == 16 and case.batch == 8 for case in gpu.values())
+    lm = [case for case in gpu.values() if case.grid is None]
+    assert [case.dim for case in lm] == [1536, 2048] and all(c.seq_len == 2048 and c.gate for c in lm)
+    orders, _ = gpu['vcmamba-b-512'].scan_orders('cpu')
+    assert orders.shape == (4, 256) and torch.equal(orders.sort(dim=1).values, torch.arange(256).expand(4, -1))
+    inputs = ss.make_scan_inputs(ss.ScanCase('t', 2, 8, 4, grid=(3, 4)), torch.device('cpu'), torch.bfloat16)
+    assert inputs['u'].dtype == inputs['B'].dtype == torch.bfloat16 and inputs['A'].dtype == torch.float32
+    assert inputs['B_bias'].shape == (4, 4, 12) and 'z' not in inputs
+    cpu = ss.default_scan_cases(torch.device('cpu'), 1)
+    assert len(cpu) == 2 and max(case.dim * case.seq_len for case in cpu) <= 256
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--shape', '2x8x3x5x1'], '--shape for selective_scan takes'),
+    (['--shape', '8x32', '--d-state', '300'], 'dstate'),
+    (['--shape', '2x8x32', '--batch', '4'], 'already sets the batch'),
+    (['--d-state', '4'], 'needs --shape'),
+    (['--kernel-size', '7'], 'not for --op selective_scan'),
+    (['--cases', 'nope'], 'matches no default case'),
+    (['--cases', 'mamba-*', '--shape', '8x32'], 'does not go with --shape'),
+    (['--density', '0.5'], 'only for --op block_sparse'),
+    (['--impls', 'natten'], '--impls takes a subset of'),
+    (['--op', 'na2d', '--d-state', '4'], 'only for --op selective_scan'),
+    (['--op', 'linear', '--cases', 'x'], '--cases: only for --op block_sparse or selective_scan'),
+])
+def test_selective_scan_argument_errors(benchmark, capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(['--op', 'selective_scan'] + argv + ['--device', 'cpu', '--out-dir', str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -406,7 +406,8 @@ def markdown_report(result: dict, table: Table) -> str:
              ]
     if result['device'] == 'cpu':
         lines.append('- **CPU run: absolute numbers are not meaningful here.** The kernels target GPUs; on CPU '
-                     'visionmix runs its PyTorch reference. Only GPU runs, with the device named, count.')
+                     'visionmix runs its PyTorch reference, or its Triton kernels in Triton\'s interpreter where '
+                     'asked to. Only GPU runs, with the device named, count.')
     lines += [f'- note: {note}' for note in result['notes']]
     lines += ['', markdown_table(result['rows'], table), '']
     return '\n'.join(lines)
