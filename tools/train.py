@@ -4,41 +4,53 @@
 A thin loop over timm's library: ``create_model``, ``create_dataset`` / ``create_loader``, ``Mixup``,
 ``create_optimizer_v2`` and ``create_scheduler_v2``. Every epoch evaluates top-1 / top-5 on the validation
 split, appends a row to ``OUTPUT/summary.csv`` and saves ``last.pth.tar`` (and ``model_best.pth.tar``);
-``curves.png`` plots the run at the end.
+``curves.png`` plots the run at the end. Model EMA (``--model-ema``), RandAugment / random erasing / mixup /
+cutmix / repeated augmentation, bfloat16 or float16 AMP, ``torch.compile`` and distributed data parallel
+(launched by ``torchrun``) follow timm's own train.py. ``--checkpoint-interval N`` also saves ``last.pth.tar``
+every N updates inside an epoch; resuming from it continues at the next update (each epoch's shuffle is fixed
+by ``--seed`` and the epoch, the consumed batches are skipped).
 
 Usage:
     python tools/train.py -c configs/demo/digits_nat.yaml
     python tools/train.py --data-dir /data/imagenet --model nat_mini --epochs 300 -b 128 --lr 1e-3 --amp
     python tools/train.py -c my.yaml --resume output/train/run/last.pth.tar --epochs 400
+    torchrun --nproc_per_node 8 tools/train.py -c configs/imagenet/nat_tiny.yaml --data-dir /data/imagenet
 
 Config YAML keys are argument names (``batch_size: 64``); flags given on the command line override them.
 """
 import argparse
 import csv
+import itertools
 import math
 import os
+import random
 import shutil
 import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import AverageMeter, accuracy, random_seed
+from timm.utils import ModelEmaV3, accuracy, distribute_bn, random_seed, unwrap_model
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import visionmix  # noqa: E402,F401  (registers the visionmix models with timm)
 
-# lr is the mean learning rate of the epoch's updates
+# lr is the mean learning rate of the epoch's updates; the ema_ columns are written with --model-ema
 SUMMARY_FIELDS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
+EMA_SUMMARY_FIELDS = ('ema_eval_loss', 'ema_eval_top1', 'ema_eval_top5')
 # args that define the lr schedule; a resumed run restores the scheduler state only when they are unchanged
 SCHEDULE_ARGS = ('sched', 'epochs', 'lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'sched_on_updates', 'batch_size')
 
@@ -84,6 +96,10 @@ def build_parsers():
     group.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate')
     group.add_argument('--grad-checkpointing', action='store_true')
     group.add_argument('--channels-last', action='store_true')
+    group.add_argument('--interpolation', default='', help='resize interpolation, default: the model pretrained_cfg')
+    group.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3)')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998)
+    group.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up over the first updates')
 
     group = parser.add_argument_group('Optimization')
     group.add_argument('--epochs', type=int, default=100)
@@ -92,6 +108,9 @@ def build_parsers():
     group.add_argument('--lr', type=float, default=1e-3)
     group.add_argument('--weight-decay', type=float, default=0.05)
     group.add_argument('--clip-grad', type=float, default=None, help='max grad norm')
+    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (sgd / momentum optimizers)')
+    group.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon, default: the optimizer own')
+    group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
     group.add_argument('--sched', default='cosine', help="timm scheduler name, 'none' keeps --lr")
     group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update, not epoch')
     group.add_argument('--min-lr', type=float, default=0.)
@@ -106,14 +125,32 @@ def build_parsers():
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     group.add_argument('--mixup', type=float, default=0., help='mixup alpha, 0 = off')
     group.add_argument('--cutmix', type=float, default=0., help='cutmix alpha, 0 = off')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix when both on')
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    group.add_argument('--aa', default=None, help='auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
+    group.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    group.add_argument('--remode', default='pixel', help='random erasing fill mode')
+    group.add_argument('--recount', type=int, default=1, help='random erasing regions')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='repeated augmentation: each image N times per epoch (timm RepeatAugSampler)')
 
     group = parser.add_argument_group('Runtime')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    group.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    group.add_argument('--amp', action='store_true', help='autocast to --amp-dtype')
+    group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
+                       help='float16 adds a GradScaler')
+    group.add_argument('--torch-compile', action='store_true', help='torch.compile the model')
+    group.add_argument('--torch-compile-backend', default='inductor', help="torch.compile backend ('eager' on CPU)")
+    group.add_argument('--sync-bn', action='store_true', help='synchronized BatchNorm across distributed ranks')
     group.add_argument('-j', '--workers', type=int, default=4)
     group.add_argument('--seed', type=int, default=42)
     group.add_argument('--output', metavar='DIR', default='', help='default: output/train/<model>-<time>')
     group.add_argument('--resume', metavar='PATH', default='', help='checkpoint to continue from')
+    group.add_argument('--checkpoint-interval', type=int, default=0, metavar='N',
+                       help='also save last.pth.tar every N updates inside an epoch (0: at epoch ends only)')
+    group.add_argument('--stop-after-updates', type=int, default=0, metavar='N',
+                       help='debugging: exit without saving after update N, as if the job were killed')
     group.add_argument('--no-progress', action='store_true', help='no tqdm bars, epoch lines only')
     return config_parser, parser
 
@@ -132,6 +169,8 @@ def parse_args(argv=None):
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
     args.scale = _float_pair(args.scale)
+    if args.opt_betas is not None:
+        args.opt_betas = _float_pair(args.opt_betas)
     if args.data_dir is None:
         parser.error('--data-dir is required')
     return args
@@ -144,15 +183,109 @@ def num_folder_classes(dataset):
     return len(class_to_idx)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, epoch, num_updates, args, mixup_fn=None):
-    """One pass over ``loader``. Returns mean loss, train top-1 (None under mixup), mean lr and update count."""
+def init_distributed(args):
+    """Join the process group ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU.
+
+    Sets ``args.rank``, ``args.world_size``, ``args.distributed`` (and ``args.device`` to the local GPU)."""
+    args.world_size = int(os.environ.get('WORLD_SIZE', 1))
+    args.rank = int(os.environ.get('RANK', 0))
+    args.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return
+    if torch.device(args.device).type == 'cuda':
+        args.device = f'cuda:{args.local_rank}'
+        torch.cuda.set_device(args.local_rank)
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over the ranks (returned unchanged outside distributed runs)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def get_rng_state():
+    """torch / numpy / python (and CUDA) generator states, storable with ``torch.save(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    python = state['python']
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The train loader's sampler with a fixed order per epoch and a resumable start.
+
+    Wraps timm's sampler (``RandomSampler``, ``DistributedSampler`` or ``RepeatAugSampler``): ``set_epoch(epoch,
+    skip)`` seeds its shuffle with ``seed + epoch`` and drops the first ``skip`` indices (the batches a
+    mid-epoch checkpoint already consumed). The length stays the full epoch's.
+    """
+
+    def __init__(self, sampler, seed):
+        self.sampler, self.seed, self.skip = sampler, seed, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.skip = skip
+        if isinstance(self.sampler, torch.utils.data.RandomSampler):
+            self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
+        elif isinstance(self.sampler, torch.utils.data.DistributedSampler):
+            self.sampler.seed = self.seed
+            self.sampler.set_epoch(epoch)
+        elif hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(self.seed + epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def amp_autocast(device, amp, amp_dtype='bfloat16'):
+    if not amp:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, amp_dtype))
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, epoch, num_updates, args, mixup_fn=None,
+                    model_ema=None, scaler=None, start_batch=0, totals=None, rng_state=None, save_fn=None):
+    """One pass over ``loader``, from batch ``start_batch`` on when resuming inside the epoch.
+
+    ``totals`` are the epoch's running sums (loss, samples, correct, lr, updates), kept in mid-epoch checkpoints;
+    ``rng_state`` is restored once the loader iterator exists; ``save_fn(batch_idx, num_updates, totals)`` runs
+    every ``--checkpoint-interval`` updates. Returns mean loss, train top-1 (None under mixup), mean lr (all
+    reduced over the ranks) and the update count.
+    """
     model.train()
     device = torch.device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    loss_m, top1_m, lr_m = AverageMeter(), AverageMeter(), AverageMeter()
-    bar = tqdm(loader, desc=f'train {epoch + 1}/{args.epochs}', leave=False, disable=args.no_progress,
-               dynamic_ncols=True)
-    for input, target in bar:
+    autocast = amp_autocast(device, args.amp, args.amp_dtype)
+    totals = dict(totals or dict(loss=0., count=0., correct=0., lr=0., updates=0.))
+    updates_per_epoch = len(loader)
+    bar = tqdm(total=updates_per_epoch, initial=start_batch, desc=f'train {epoch + 1}/{args.epochs}', leave=False,
+               disable=args.no_progress or args.rank != 0, dynamic_ncols=True)
+    batches = iter(loader)
+    if rng_state is not None:
+        set_rng_state(rng_state)
+    for batch_idx, (input, target) in enumerate(batches, start=start_batch):
         input, target = input.to(device), target.to(device)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
@@ -163,43 +296,73 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, epoch, num_upd
         with autocast:
             output = model(input)
             loss = loss_fn(output, target)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f'loss is {loss.item()} at epoch {epoch}, stopping')
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f'loss is {loss_value} at epoch {epoch}, stopping')
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         lr = optimizer.param_groups[0]['lr']
-        optimizer.step()
-        lr_m.update(lr)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if args.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
         num_updates += 1
+        if model_ema is not None:
+            model_ema.update(unwrap_model(model), step=num_updates)
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)  # no-op unless the schedule steps per update
 
-        loss_m.update(loss.item(), input.size(0))
-        postfix = dict(loss=f'{loss_m.avg:.4f}')
+        n = input.size(0)
+        totals['loss'] += loss_value * n
+        totals['count'] += n
+        totals['lr'] += lr
+        totals['updates'] += 1
+        postfix = dict(loss=f'{totals["loss"] / totals["count"]:.4f}')
         if mixup_fn is None:
-            top1_m.update(accuracy(output.detach(), hard_target)[0].item(), input.size(0))
-            postfix['acc'] = f'{top1_m.avg:.2f}'
+            totals['correct'] += accuracy(output.detach().float(), hard_target)[0].item() * n / 100
+            postfix['acc'] = f'{100 * totals["correct"] / totals["count"]:.2f}'
         postfix['lr'] = f'{lr:.2e}'
         bar.set_postfix(postfix)
+        bar.update()
 
+        if (save_fn is not None and args.checkpoint_interval and num_updates % args.checkpoint_interval == 0
+                and batch_idx + 1 < updates_per_epoch):
+            save_fn(batch_idx + 1, num_updates, totals)
+        if args.stop_after_updates and num_updates >= args.stop_after_updates:
+            bar.close()
+            raise SystemExit(f'stopped after update {num_updates} (--stop-after-updates)')
+    bar.close()
+
+    loss_sum, count, correct, lr_sum, updates = all_reduce_sum(
+        [totals[k] for k in ('loss', 'count', 'correct', 'lr', 'updates')], device)
     return dict(
-        loss=loss_m.avg,
-        top1=top1_m.avg if mixup_fn is None else None,
-        lr=lr_m.avg,
+        loss=loss_sum / max(count, 1),
+        top1=100 * correct / max(count, 1) if mixup_fn is None else None,
+        lr=lr_sum / max(updates, 1),
         num_updates=num_updates,
     )
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=False, channels_last=False, desc='eval', progress=True):
-    """Mean cross-entropy and top-1 / top-5 accuracy (percent) of ``model`` over ``loader``."""
+def evaluate(model, loader, device, amp=False, channels_last=False, desc='eval', progress=True,
+             amp_dtype='bfloat16'):
+    """Mean cross-entropy and top-1 / top-5 accuracy (percent) of ``model`` over ``loader``.
+
+    Under ``torch.distributed`` the sums are reduced over the ranks; the padding timm's
+    ``OrderedDistributedSampler`` adds to even out the ranks is left out, so every image counts once.
+    """
     model.eval()
     device = torch.device(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    loss_fn = nn.CrossEntropyLoss()
-    loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+    autocast = amp_autocast(device, amp, amp_dtype)
+    valid = getattr(loader.sampler, 'num_valid_samples', None)
+    loss_sum = correct1 = correct5 = count = 0.
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for input, target in bar:
         input, target = input.to(device), target.to(device)
@@ -208,13 +371,20 @@ def evaluate(model, loader, device, amp=False, channels_last=False, desc='eval',
         with autocast:
             output = model(input)
         output = output.float()
-        top1, top5 = accuracy(output, target, topk=(1, 5))
-        n = input.size(0)
-        loss_m.update(loss_fn(output, target).item(), n)
-        top1_m.update(top1.item(), n)
-        top5_m.update(top5.item(), n)
-        bar.set_postfix(loss=f'{loss_m.avg:.4f}', top1=f'{top1_m.avg:.2f}')
-    return dict(loss=loss_m.avg, top1=top1_m.avg, top5=top5_m.avg)
+        if valid is not None:
+            keep = max(0, min(input.size(0), valid - int(count)))
+            output, target = output[:keep], target[:keep]
+        if target.numel() == 0:
+            continue
+        top = output.topk(min(5, output.size(1)), dim=1).indices.eq(target[:, None])
+        loss_sum += nn.functional.cross_entropy(output, target, reduction='sum').item()
+        correct1 += top[:, :1].sum().item()
+        correct5 += top.sum().item()
+        count += target.numel()
+        bar.set_postfix(loss=f'{loss_sum / count:.4f}', top1=f'{100 * correct1 / count:.2f}')
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    count = max(count, 1)
+    return dict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count)
 
 
 def save_checkpoint(state, output_dir, is_best):
@@ -233,13 +403,14 @@ def read_summary(path):
     if not os.path.exists(path):
         return []
     with open(path, newline='') as f:
-        return [{k: float(v) if k != 'epoch' else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (int(v) if k == 'epoch' else float(v)) if v != '' else None for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
-def write_summary(path, rows):
+def write_summary(path, rows, fields=SUMMARY_FIELDS):
     tmp_path = path + '.tmp'
     with open(tmp_path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp_path, path)
@@ -258,6 +429,8 @@ def plot_curves(rows, path):
     ax_loss.set(xlabel='epoch', ylabel='loss', title='Loss')
     ax_acc.plot(epochs, [row['eval_top1'] for row in rows], 'o-', label='top-1')
     ax_acc.plot(epochs, [row['eval_top5'] for row in rows], 'o-', label='top-5')
+    if any(row.get('ema_eval_top1') is not None for row in rows):
+        ax_acc.plot(epochs, [row.get('ema_eval_top1') for row in rows], 'o--', label='EMA top-1')
     ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='Validation accuracy')
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -270,11 +443,19 @@ def plot_curves(rows, path):
 def main(argv=None):
     """Train, evaluating and checkpointing every epoch. Returns a dict of the run's results."""
     args = parse_args(argv)
+    init_distributed(args)
+    primary = args.rank == 0
+    log = print if primary else (lambda *a, **k: None)
     device = torch.device(args.device)
-    random_seed(args.seed)
+    random_seed(args.seed, args.rank)
     output_dir = args.output or os.path.join(
         'output', 'train', f'{args.model}-{datetime.now().strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(output_dir, exist_ok=True)
+    if args.distributed:  # one run folder for all ranks
+        names = [output_dir]
+        dist.broadcast_object_list(names, src=0)
+        output_dir = names[0]
+    if primary:
+        os.makedirs(output_dir, exist_ok=True)
 
     dataset_train = create_dataset(
         args.dataset, root=args.data_dir, split=args.train_split, is_training=True, batch_size=args.batch_size)
@@ -288,12 +469,17 @@ def main(argv=None):
     model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_kwargs)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if args.distributed and args.sync_bn:
+        model = convert_sync_batchnorm(model)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     num_params = sum(p.numel() for p in model.parameters())
+    # the EMA copy is taken before the DDP / compile wrappers, as in timm
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+        if args.model_ema else None
 
-    data_config = resolve_data_config(vars(args), model=model)
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     loader_kwargs = dict(
         input_size=data_config['input_size'],
         batch_size=args.batch_size,
@@ -301,19 +487,28 @@ def main(argv=None):
         mean=data_config['mean'],
         std=data_config['std'],
         num_workers=args.workers,
+        distributed=args.distributed,
         use_prefetcher=False,
         pin_memory=device.type == 'cuda',
         device=device,
     )
     loader_train = create_loader(
         dataset_train, is_training=True, no_aug=args.no_aug, scale=args.scale, hflip=args.hflip,
-        color_jitter=args.color_jitter, **loader_kwargs)
+        color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount, num_aug_repeats=args.aug_repeats if args.distributed else 0, **loader_kwargs)
     loader_eval = create_loader(dataset_eval, crop_pct=data_config['crop_pct'], **loader_kwargs)
+    base_sampler = loader_train.batch_sampler.sampler
+    if args.aug_repeats and not args.distributed:
+        # timm's create_loader takes repeats only with distributed=True; the sampler itself works on one process
+        base_sampler = RepeatAugSampler(dataset_train, num_replicas=1, rank=0, num_repeats=args.aug_repeats)
+    train_sampler = EpochSampler(base_sampler, args.seed)
+    loader_train.batch_sampler.sampler = train_sampler
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
             num_classes=num_classes)
         train_loss_fn = SoftTargetCrossEntropy()  # mixup already folds label smoothing into the targets
     elif args.smoothing:
@@ -321,7 +516,14 @@ def main(argv=None):
     else:
         train_loss_fn = nn.CrossEntropyLoss()
 
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    opt_kwargs = {}
+    if args.opt_eps is not None:
+        opt_kwargs['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        opt_kwargs['betas'] = args.opt_betas
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **opt_kwargs)
+    scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == 'float16' else None
     updates_per_epoch = len(loader_train)
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -334,7 +536,7 @@ def main(argv=None):
         updates_per_epoch=updates_per_epoch,
     )
 
-    start_epoch = 0
+    start_epoch, start_batch, resume_rank_state = 0, 0, None
     best_top1, best_epoch = None, None
     summary_path = os.path.join(output_dir, 'summary.csv')
     if args.resume:
@@ -346,69 +548,138 @@ def main(argv=None):
         if scheduler is not None and checkpoint.get('scheduler') is not None and not changed:
             scheduler.load_state_dict(checkpoint['scheduler'])
         elif changed:
-            print(f'schedule arguments changed ({", ".join(changed)}): the lr follows the new schedule')
-        start_epoch = checkpoint['epoch'] + 1
+            log(f'schedule arguments changed ({", ".join(changed)}): the lr follows the new schedule')
+        if model_ema is not None:
+            if checkpoint.get('state_dict_ema') is not None:
+                model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
+            else:
+                log('the checkpoint has no EMA weights: the EMA starts from the resumed weights')
+                model_ema.module.load_state_dict(checkpoint['state_dict'])
+        if scaler is not None and checkpoint.get('scaler') is not None:
+            scaler.load_state_dict(checkpoint['scaler'])
         best_top1, best_epoch = checkpoint.get('best_metric'), checkpoint.get('best_epoch')
-        print(f'resumed from {args.resume}, continuing at epoch {start_epoch + 1}')
+        if checkpoint.get('batch_idx'):  # saved inside an epoch: continue with its next update
+            start_epoch, start_batch = checkpoint['epoch'], checkpoint['batch_idx']
+            rank_states = checkpoint.get('rank_states') or []
+            if len(rank_states) == args.world_size and old_args.get('batch_size') == args.batch_size:
+                resume_rank_state = rank_states[args.rank]
+            else:
+                log('the checkpoint position was saved with another world size or batch size: restarting its epoch')
+                start_batch = 0
+            log(f'resumed from {args.resume}, continuing at epoch {start_epoch + 1}, update {start_batch + 1}')
+        else:
+            start_epoch = checkpoint['epoch'] + 1
+            log(f'resumed from {args.resume}, continuing at epoch {start_epoch + 1}')
     rows = [row for row in read_summary(summary_path) if row['epoch'] < start_epoch] if args.resume else []
+    summary_fields = SUMMARY_FIELDS + (EMA_SUMMARY_FIELDS if model_ema is not None else ())
 
+    num_updates = start_epoch * updates_per_epoch + start_batch
     # move the schedule to where this run starts (a fresh run is already at 0)
-    if scheduler is not None and start_epoch > 0:
+    if scheduler is not None and num_updates > 0:
         if args.sched_on_updates:
-            scheduler.step_update(start_epoch * updates_per_epoch)
+            scheduler.step_update(num_updates)
         else:
             scheduler.step(start_epoch)
 
-    print(f'{args.model}: {num_params / 1e6:.2f}M params, {num_classes} classes, input {data_config["input_size"]}, '
-          f'{len(dataset_train)} train / {len(dataset_eval)} val images, {updates_per_epoch} updates/epoch, '
-          f'device {device}, output {output_dir}')
+    train_model = model
+    if args.distributed:
+        device_ids = [device.index] if device.type == 'cuda' else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.torch_compile:
+        train_model = torch.compile(train_model, backend=args.torch_compile_backend)
 
-    num_updates = start_epoch * updates_per_epoch
-    eval_metrics = None
+    log(f'{args.model}: {num_params / 1e6:.2f}M params, {num_classes} classes, input {data_config["input_size"]}, '
+        f'{len(dataset_train)} train / {len(dataset_eval)} val images, {updates_per_epoch} updates/epoch'
+        f'{f" per rank x {args.world_size} ranks" if args.distributed else ""}, device {device}, output {output_dir}')
+
+    def checkpoint_state(epoch, batch_idx=None, **extra):
+        state = dict(
+            epoch=epoch,
+            batch_idx=batch_idx,
+            arch=args.model,
+            state_dict=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            args=vars(args),
+            best_metric=best_top1,
+            best_epoch=best_epoch,
+            **extra,
+        )
+        if model_ema is not None:
+            state['state_dict_ema'] = model_ema.module.state_dict()
+        if scaler is not None:
+            state['scaler'] = scaler.state_dict()
+        return state
+
+    def save_mid_epoch(epoch):
+        def save(batch_idx, updates, totals):
+            rank_state = dict(rng=get_rng_state(), totals=dict(totals))
+            rank_states = [rank_state]
+            if args.distributed:
+                rank_states = [None] * args.world_size
+                dist.all_gather_object(rank_states, rank_state)
+            if primary:
+                save_checkpoint(checkpoint_state(epoch, batch_idx, rank_states=rank_states), output_dir, False)
+        return save
+
+    eval_metrics = ema_metrics = None
+    progress = primary and not args.no_progress
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
+        # fixed per-epoch randomness, so that a run resumed inside the epoch draws what the first run drew
+        random_seed(args.seed + (epoch + 1) * args.world_size, args.rank)
+        skip = start_batch if epoch == start_epoch else 0
+        train_sampler.set_epoch(epoch, skip * args.batch_size)
         train_metrics = train_one_epoch(
-            model, loader_train, train_loss_fn, optimizer, scheduler, epoch, num_updates, args, mixup_fn=mixup_fn)
+            train_model, loader_train, train_loss_fn, optimizer, scheduler, epoch, num_updates, args,
+            mixup_fn=mixup_fn, model_ema=model_ema, scaler=scaler, start_batch=skip,
+            totals=resume_rank_state['totals'] if skip and resume_rank_state else None,
+            rng_state=resume_rank_state['rng'] if skip and resume_rank_state else None,
+            save_fn=save_mid_epoch(epoch))
         num_updates = train_metrics['num_updates']
+        if args.distributed and not args.sync_bn:
+            distribute_bn(model, args.world_size, reduce=True)  # average the BatchNorm statistics of the ranks
         eval_metrics = evaluate(
-            model, loader_eval, device, amp=args.amp, channels_last=args.channels_last,
-            desc=f'eval  {epoch + 1}/{args.epochs}', progress=not args.no_progress)
+            train_model, loader_eval, device, amp=args.amp, amp_dtype=args.amp_dtype,
+            channels_last=args.channels_last, desc=f'eval  {epoch + 1}/{args.epochs}', progress=progress)
+        if model_ema is not None:
+            ema_metrics = evaluate(
+                model_ema.module, loader_eval, device, amp=args.amp, amp_dtype=args.amp_dtype,
+                channels_last=args.channels_last, desc=f'ema   {epoch + 1}/{args.epochs}', progress=progress)
         if scheduler is not None:
             scheduler.step(epoch + 1, eval_metrics['top1'])  # no-op when the schedule steps per update
 
-        rows.append(dict(
+        row = dict(
             epoch=epoch,
             train_loss=train_metrics['loss'],
             eval_loss=eval_metrics['loss'],
             eval_top1=eval_metrics['top1'],
             eval_top5=eval_metrics['top5'],
             lr=train_metrics['lr'],
-        ))
-        write_summary(summary_path, rows)
+        )
+        if ema_metrics is not None:
+            row.update(ema_eval_loss=ema_metrics['loss'], ema_eval_top1=ema_metrics['top1'],
+                       ema_eval_top5=ema_metrics['top5'])
+        rows.append(row)
 
         is_best = best_top1 is None or eval_metrics['top1'] > best_top1
         if is_best:
             best_top1, best_epoch = eval_metrics['top1'], epoch
-        save_checkpoint(dict(
-            epoch=epoch,
-            arch=args.model,
-            state_dict=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict() if scheduler is not None else None,
-            args=vars(args),
-            metric=eval_metrics['top1'],
-            best_metric=best_top1,
-            best_epoch=best_epoch,
-        ), output_dir, is_best)
+        if primary:
+            write_summary(summary_path, rows, summary_fields)
+            save_checkpoint(checkpoint_state(epoch, metric=eval_metrics['top1']), output_dir, is_best)
 
         train_top1 = '' if train_metrics['top1'] is None else f'train_acc {train_metrics["top1"]:6.2f}  '
-        print(f'epoch {epoch + 1:3d}/{args.epochs}  train_loss {train_metrics["loss"]:.4f}  {train_top1}'
-              f'eval_loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:6.2f}  '
-              f'top5 {eval_metrics["top5"]:6.2f}  lr {train_metrics["lr"]:.2e}  '
-              f'{time.perf_counter() - epoch_start:5.1f}s', flush=True)
+        ema_top1 = '' if ema_metrics is None else f'ema_top1 {ema_metrics["top1"]:6.2f}  '
+        log(f'epoch {epoch + 1:3d}/{args.epochs}  train_loss {train_metrics["loss"]:.4f}  {train_top1}'
+            f'eval_loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:6.2f}  '
+            f'top5 {eval_metrics["top5"]:6.2f}  {ema_top1}lr {train_metrics["lr"]:.2e}  '
+            f'{time.perf_counter() - epoch_start:5.1f}s', flush=True)
 
-    if rows:
+    if rows and primary:
         plot_curves(rows, os.path.join(output_dir, 'curves.png'))
+    if args.distributed:
+        dist.barrier()
     final = rows[-1] if rows else {}
     return dict(
         best_top1=best_top1,
@@ -416,8 +687,10 @@ def main(argv=None):
         final_top1=final.get('eval_top1'),
         final_top5=final.get('eval_top5'),
         final_eval_loss=final.get('eval_loss'),
+        final_ema_top1=final.get('ema_eval_top1'),
         epochs_run=max(0, args.epochs - start_epoch),
         start_epoch=start_epoch,
+        start_batch=start_batch,
         num_classes=num_classes,
         num_params=num_params,
         output=output_dir,

@@ -177,3 +177,96 @@ def test_model_table():
 def test_demo_config_parses():
     args = train.parse_args(['-c', str(REPO_ROOT / 'configs' / 'demo' / 'digits_nat.yaml'), '--data-dir', 'x'])
     assert args.model == 'test_nat' and args.img_size >= 96
+
+
+def test_ema_and_augmentation(digits_subset, tmp_path):
+    output = tmp_path / 'run'
+    args = [a for a in _train_args(digits_subset, output, 1) if a != '--no-aug']
+    result = train.main(args + [
+        '--model-ema', '--model-ema-decay', '0.9', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25',
+        '--remode', 'pixel', '--recount', '2', '--interpolation', 'bicubic', '--mixup', '0.8', '--cutmix', '1.0',
+        '--mixup-prob', '0.9', '--mixup-switch-prob', '0.5', '--mixup-mode', 'elem', '--smoothing', '0.1',
+        '--aug-repeats', '3', '--drop-path', '0.1'])
+    rows = _summary(output)
+    assert list(rows[0]) == list(train.SUMMARY_FIELDS + train.EMA_SUMMARY_FIELDS)
+    assert 0 <= float(rows[0]['ema_eval_top1']) <= 100
+    assert result['final_ema_top1'] == pytest.approx(float(rows[0]['ema_eval_top1']))
+    checkpoint = torch.load(output / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert checkpoint['args']['aa'] == 'rand-m9-mstd0.5-inc1'
+    assert set(checkpoint['state_dict_ema']) == set(checkpoint['state_dict'])
+    assert not torch.equal(checkpoint['state_dict_ema']['head.fc.weight'], checkpoint['state_dict']['head.fc.weight'])
+
+
+def test_amp_float16_compile_resume(digits_subset, tmp_path):
+    output = tmp_path / 'run'
+    flags = ['--amp', '--amp-dtype', 'float16', '--torch-compile', '--torch-compile-backend', 'eager',
+             '--channels-last', '--grad-checkpointing', '--clip-grad', '1.0', '--model-ema']
+    train.main(_train_args(digits_subset, output, 1, *flags))
+    checkpoint = torch.load(output / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert checkpoint['scaler']['scale'] > 0
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in checkpoint['state_dict'])
+    resumed = train.main(_train_args(digits_subset, output, 2, *flags, '--resume', str(output / 'last.pth.tar')))
+    assert resumed['start_epoch'] == 1 and math.isfinite(resumed['final_eval_loss'])
+    assert [int(r['epoch']) for r in _summary(output)] == [0, 1]
+
+
+def test_resume_mid_epoch_matches_uninterrupted(digits_subset, tmp_path):
+    # 9 updates per epoch; drop path and the EMA make the restored RNG and EMA states count
+    flags = ['--checkpoint-interval', '4', '--drop-path', '0.2', '--model-ema', '--model-ema-decay', '0.8']
+    full = tmp_path / 'full'
+    train.main(_train_args(digits_subset, full, 2, *flags))
+
+    killed = tmp_path / 'killed'
+    with pytest.raises(SystemExit, match='update 14'):
+        train.main(_train_args(digits_subset, killed, 2, *flags, '--stop-after-updates', '14'))
+    checkpoint = torch.load(killed / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert (checkpoint['epoch'], checkpoint['batch_idx']) == (1, 3)  # update 12 = epoch 1, 3 batches in
+    resumed = train.main(_train_args(digits_subset, killed, 2, *flags, '--resume', str(killed / 'last.pth.tar')))
+    assert (resumed['start_epoch'], resumed['start_batch']) == (1, 3)
+
+    a = torch.load(full / 'last.pth.tar', map_location='cpu', weights_only=True)
+    b = torch.load(killed / 'last.pth.tar', map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=1e-6, msg=f'{key} {name}')
+    steps = {int(state['step']) for state in b['optimizer']['state'].values()}
+    assert steps == {18}
+    rows_a, rows_b = _summary(full), _summary(killed)
+    assert len(rows_b) == 2
+    for row_a, row_b in zip(rows_a, rows_b):
+        for field in ('train_loss', 'eval_top1', 'ema_eval_top1', 'lr'):
+            assert float(row_b[field]) == pytest.approx(float(row_a[field]), abs=1e-6)
+
+
+def test_distributed_torchrun(digits_subset, tmp_path):
+    import subprocess
+    import sys
+    output = tmp_path / 'run'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           str(REPO_ROOT / 'tools' / 'train.py'), *_train_args(digits_subset, output, 1, '--checkpoint-interval', '2',
+                                                              '--model-ema')]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (output / 'summary.csv').read_text().splitlines()
+    assert len(lines) == 2 and lines[0].split(',')[:5] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
+    assert 'ema_eval_top1' in lines[0]
+    assert proc.stdout.count('epoch   1/1') == 1  # only rank 0 prints
+    checkpoint = torch.load(output / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert checkpoint['args']['world_size'] == 2
+    assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
+
+
+def test_imagenet_configs():
+    configs = sorted((REPO_ROOT / 'configs' / 'imagenet').glob('*.yaml'))
+    families = ('nat_', 'dinat_', 'biformer_', 'mavit_', 'ravlt_', 'inline_', 'l2vit_', 'vcmamba_')
+    released = {n for n in visionmix_model_names() if n.startswith(families)}
+    assert released, 'no released models registered'
+    assert {p.stem for p in configs} >= released
+    registered = set(timm.list_models())
+    for path in configs:
+        text = path.read_text()
+        assert 'Source:' in text.splitlines()[0], path.name
+        args = train.parse_args(['-c', str(path), '--data-dir', 'x'])
+        assert args.model == path.stem and args.model in registered
+        assert args.epochs > 0 and args.lr > 0 and args.batch_size > 0 and args.img_size in (224, 384)
