@@ -80,7 +80,7 @@ def _load_dt(DELTA, row, par, mask2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.
 
 @triton.jit
 def _load_bc(PTR, s_b, s_g, s_n, s_l, b, g, offs_n, par, mask_nt):
-    ptr = PTR + b.to(tl.int64) * s_b + g * s_g + offs_n[:, None] * s_n + par[None, :] * s_l
+    ptr = PTR + b.to(tl.int64) * s_b + g.to(tl.int64) * s_g + offs_n[:, None] * s_n + par[None, :] * s_l
     return tl.load(ptr, mask=mask_nt, other=0.0).to(tl.float32)
 
 
