@@ -174,6 +174,13 @@ def test_triton_multidir_matches_reference(permute_params, dtype):
              delta_softplus=True, permute_params=permute_params)
 
 
+def test_triton_multidir_grouped_b_matches_reference():
+    inputs = _multidir_inputs(seed=2, k_dirs=2, length=20)
+    inputs['B'] = torch.randn(2, 3, 6, 20, generator=torch.Generator().manual_seed(7))  # 3 groups of 4 channels
+    _compare('multidir grouped B', selective_scan_multidir, inputs, torch.float32, delta_softplus=True,
+             permute_params=True)
+
+
 def test_multidir_with_one_identity_order_is_selective_scan():
     inputs = _multidir_inputs(k_dirs=1, bias=False)
     orders = inputs.pop('orders')

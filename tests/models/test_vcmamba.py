@@ -337,6 +337,16 @@ def test_triton_scan_path_matches_reference(monkeypatch):
         assert ((got - want).norm() / want.norm()).item() < 1e-5, name
 
 
+def test_torch_compile_fullgraph():
+    """The scan tables are built inside the graph when compiling (no cache lookups, no graph breaks)."""
+    torch.manual_seed(0)
+    model = timm.create_model('test_vcmamba', num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
 def test_bad_input():
     model = timm.create_model('test_vcmamba').eval()
     with pytest.raises(ValueError, match='NCHW'):

@@ -21,12 +21,11 @@ from .._backend import interpreter_mode
 LOG2E = 1.4426950408889634
 
 
-def chunk_size() -> int:
-    return 16
+CHUNK = 16  # time steps per associative scan
 
 
 def chunk_count(length: int) -> int:
-    return max(1, triton.cdiv(length, chunk_size()))
+    return max(1, triton.cdiv(length, CHUNK))
 
 
 def _block_d(dim: int, group_size: int) -> int:
@@ -85,6 +84,34 @@ def _load_bc(PTR, s_b, s_g, s_n, s_l, b, g, offs_n, par, mask_nt):
 
 
 @triton.jit
+def _chunk_scan(
+        U, DELTA, Bm, Cm, ORDERS, BBIAS, h0, a2, bias, row, b, g, k, c, offs_n, mask_d, mask_n, L, N,
+        sb_b, sb_g, sb_n, sb_l, sc_b, sc_g, sc_n, sc_l,
+        CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BBIAS: tl.constexpr,
+        PERMUTE: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """Load chunk ``c``'s inputs and scan it from the state ``h0``: the states ``hs [BLOCK_D, N, CHUNK]`` and what
+    the output and the gradients read (steps, tokens, masks, inputs)."""
+    offs_t = c * CHUNK + tl.arange(0, CHUNK)
+    mask_t = offs_t < L
+    mask2 = mask_d[:, None] & mask_t[None, :]
+    mask_nt = mask_n[:, None] & mask_t[None, :]
+    tok, par = _step_tokens(ORDERS, k, offs_t, mask_t, L, HAS_ORDER, PERMUTE)
+    u = tl.load(U + row[:, None] + tok[None, :], mask=mask2, other=0.0).to(tl.float32)
+    raw, dt = _load_dt(DELTA, row, par, mask2, bias, HAS_BIAS, SOFTPLUS)
+    bt = _load_bc(Bm, sb_b, sb_g, sb_n, sb_l, b, g, offs_n, par, mask_nt)
+    if HAS_BBIAS:
+        bt += tl.load(BBIAS + (k * N + offs_n[:, None]) * L + offs_t[None, :], mask=mask_nt, other=0.0)
+    ct = _load_bc(Cm, sc_b, sc_g, sc_n, sc_l, b, g, offs_n, par, mask_nt)
+    valid = mask_t[None, None, :]
+    decay = tl.where(valid, tl.exp2(dt[:, None, :] * a2[:, :, None]), 1.0)
+    drive = tl.where(valid, (dt * u)[:, None, :] * bt[None, :, :], 0.0)
+    scan_a, scan_b = tl.associative_scan((decay, drive), 2, _combine)
+    hs = scan_a * h0[:, :, None] + scan_b
+    return offs_t, mask2, mask_nt, tok, par, u, raw, dt, bt, ct, drive, hs
+
+
+@triton.jit
 def _ss_fwd_kernel(
         U, DELTA, A, Bm, Cm, Dv, Z, DBIAS, ORDERS, BBIAS, OUT, LAST, CHUNKS,
         batch, dim, L, N, group_size, n_chunks,
@@ -116,22 +143,9 @@ def _ss_fwd_kernel(
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(n_chunks):
         tl.store(CHUNKS + state_base + c * dim * N + offs_d[:, None] * N + offs_n[None, :], h, mask=mask_dn)
-        offs_t = c * CHUNK + tl.arange(0, CHUNK)
-        mask_t = offs_t < L
-        mask2 = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        tok, par = _step_tokens(ORDERS, k, offs_t, mask_t, L, HAS_ORDER, PERMUTE)
-        u = tl.load(U + row[:, None] + tok[None, :], mask=mask2, other=0.0).to(tl.float32)
-        _, dt = _load_dt(DELTA, row, par, mask2, bias, HAS_BIAS, SOFTPLUS)
-        bt = _load_bc(Bm, sb_b, sb_g, sb_n, sb_l, b, g, offs_n, par, mask_nt)
-        if HAS_BBIAS:
-            bt += tl.load(BBIAS + (k * N + offs_n[:, None]) * L + offs_t[None, :], mask=mask_nt, other=0.0)
-        ct = _load_bc(Cm, sc_b, sc_g, sc_n, sc_l, b, g, offs_n, par, mask_nt)
-        valid = mask_t[None, None, :]
-        decay = tl.where(valid, tl.exp2(dt[:, None, :] * a2[:, :, None]), 1.0)
-        drive = tl.where(valid, (dt * u)[:, None, :] * bt[None, :, :], 0.0)
-        scan_a, scan_b = tl.associative_scan((decay, drive), 2, _combine)
-        hs = scan_a * h[:, :, None] + scan_b
+        _, mask2, _, tok, _, u, _, _, _, ct, _, hs = _chunk_scan(
+            U, DELTA, Bm, Cm, ORDERS, BBIAS, h, a2, bias, row, b, g, k, c, offs_n, mask_d, mask_n, L, N,
+            sb_b, sb_g, sb_n, sb_l, sc_b, sc_g, sc_n, sc_l, CHUNK, HAS_BIAS, HAS_ORDER, HAS_BBIAS, PERMUTE, SOFTPLUS)
         y = tl.sum(hs * ct[None, :, :], 1)
         if HAS_D:
             y += dvec[:, None] * u
@@ -189,22 +203,9 @@ def _ss_bwd_kernel(
         c = n_chunks - 1 - i
         h0 = tl.load(CHUNKS + state_base + c * dim * N + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn,
                      other=0.0)
-        offs_t = c * CHUNK + tl.arange(0, CHUNK)
-        mask_t = offs_t < L
-        mask2 = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        tok, par = _step_tokens(ORDERS, k, offs_t, mask_t, L, HAS_ORDER, PERMUTE)
-        u = tl.load(U + row[:, None] + tok[None, :], mask=mask2, other=0.0).to(tl.float32)
-        raw, dt = _load_dt(DELTA, row, par, mask2, bias, HAS_BIAS, SOFTPLUS)
-        bt = _load_bc(Bm, sb_b, sb_g, sb_n, sb_l, b, g, offs_n, par, mask_nt)
-        if HAS_BBIAS:
-            bt += tl.load(BBIAS + (k * N + offs_n[:, None]) * L + offs_t[None, :], mask=mask_nt, other=0.0)
-        ct = _load_bc(Cm, sc_b, sc_g, sc_n, sc_l, b, g, offs_n, par, mask_nt)
-        valid = mask_t[None, None, :]
-        decay = tl.where(valid, tl.exp2(dt[:, None, :] * a2[:, :, None]), 1.0)
-        drive = tl.where(valid, (dt * u)[:, None, :] * bt[None, :, :], 0.0)
-        scan_a, scan_b = tl.associative_scan((decay, drive), 2, _combine)
-        hs = scan_a * h0[:, :, None] + scan_b
+        offs_t, mask2, mask_nt, tok, par, u, raw, dt, bt, ct, drive, hs = _chunk_scan(
+            U, DELTA, Bm, Cm, ORDERS, BBIAS, h0, a2, bias, row, b, g, k, c, offs_n, mask_d, mask_n, L, N,
+            sb_b, sb_g, sb_n, sb_l, sc_b, sc_g, sc_n, sc_l, CHUNK, HAS_BIAS, HAS_ORDER, HAS_BBIAS, PERMUTE, SOFTPLUS)
         dy = tl.load(DOUT + row[:, None] + tok[None, :], mask=mask2, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(Z + row[:, None] + tok[None, :], mask=mask2, other=0.0).to(tl.float32)
@@ -260,7 +261,7 @@ def _setup(u, A, group_size, orders):
     block_d = _block_d(dim, group_size)
     k_dirs = 1 if orders is None else orders.shape[0]
     grid = (triton.cdiv(dim, block_d), batch, k_dirs)
-    meta = dict(BLOCK_D=block_d, BLOCK_N=max(2, triton.next_power_of_2(A.shape[1])), CHUNK=chunk_size())
+    meta = dict(BLOCK_D=block_d, BLOCK_N=max(2, triton.next_power_of_2(A.shape[1])), CHUNK=CHUNK)
     return k_dirs, grid, meta
 
 
@@ -270,9 +271,11 @@ def _flags(D, z, delta_bias, orders, B_bias, softplus, permute_params):
                 SOFTPLUS=softplus)
 
 
-def _group_size(B: Tensor, C: Tensor, dim: int):
-    """Channels per group of B and of C (B and C may be grouped differently)."""
-    return tuple(dim if m.dim() == 3 else dim // m.shape[1] for m in (B, C))
+def _common_groups(B: Tensor, C: Tensor, dim: int) -> Tuple[Tensor, Tensor, int]:
+    """B and C regrouped to the groups that lie inside one group of each (B and C may be grouped differently), so
+    a program reads one group index; and the channels per such group."""
+    group_size = math.gcd(*(dim if m.dim() == 3 else dim // m.shape[1] for m in (B, C)))
+    return _regroup(B, dim, group_size), _regroup(C, dim, group_size), group_size
 
 
 def ss_forward_triton(
@@ -285,15 +288,12 @@ def ss_forward_triton(
     z = z.contiguous() if z is not None else None
     batch, dim, length = u.shape
     dstate = A.shape[1]
-    group_size = math.gcd(*_group_size(B, C, dim))  # groups that lie inside one group of B and one of C
-    B, C = _regroup(B, dim, group_size), _regroup(C, dim, group_size)  # so a program reads one group index
+    B, C, group_size = _common_groups(B, C, dim)
     k_dirs, grid, meta = _setup(u, A, group_size, orders)
     n_chunks = chunk_count(length)
     out_k = u.new_empty(k_dirs, batch, dim, length)
     last = u.new_empty(batch, k_dirs, dim, dstate, dtype=torch.float32)
     chunks = u.new_empty(k_dirs, batch, n_chunks, dim, dstate, dtype=torch.float32)
-    group_size = math.gcd(*_group_size(B, C, dim))
-    B, C = _regroup(B, dim, group_size), _regroup(C, dim, group_size)  # one group index per program
     dummy = u.new_empty(0, dtype=torch.float32)
     opt = lambda t: t if t is not None else dummy  # noqa: E731
     _ss_fwd_kernel[grid](
@@ -337,9 +337,8 @@ def ss_backward_triton(
     z = z.contiguous() if z is not None else None
     batch, dim, length = u.shape
     dstate = A.shape[1]
-    group_size = math.gcd(*_group_size(B, C, dim))
     B_in, C_in = B, C
-    B, C = _regroup(B, dim, group_size), _regroup(C, dim, group_size)
+    B, C, group_size = _common_groups(B, C, dim)
     k_dirs, grid, meta = _setup(u, A, group_size, orders)
     n_blocks = grid[0]
     f32 = dict(dtype=torch.float32)
