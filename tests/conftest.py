@@ -17,6 +17,11 @@ def parity_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get('VISIONMIX_PARITY_DIR', REPO.parent / 'shared' / 'parity'))
 
 
+def parity_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The parity fixtures' measure: ``max |actual - expected| / max |expected|``."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
 def parity_files(folder: str, pattern: str = '*.pt'):
     """Parity fixture paths (as pytest params with readable ids), or one skipped param if absent."""
     root = parity_dir() / folder

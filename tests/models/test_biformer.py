@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import visionmix  # noqa: F401
-from tests.conftest import parity_dir, parity_files
+from tests.conftest import parity_dir, parity_error, parity_files
 from visionmix.convert import build_from_official
 from visionmix.models.biformer import BiFormer, BiLevelRoutingAttention, RegionRouter, convert_official
 
@@ -18,10 +18,6 @@ RELEASED = {  # name -> parameter count of the original model (T/S/B: manifests 
     'biformer_tiny': 13_142_760, 'biformer_small': 25_536_232, 'biformer_base': 56_804_968,
     'biformer_stl': 28_372_552, 'biformer_stl_nchw': 28_372_552,
 }
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize('path', parity_files('biformer'))
@@ -39,11 +35,11 @@ def test_parity_with_original(path):
         final, stages = model.forward_intermediates(x)
     for h in hooks:
         h.remove()
-    assert _rel_err(out, case['output']) < 1e-6
+    assert parity_error(out, case['output']) < 1e-6
     assert len(case['features']) == len(case['feature_names']) > 0
     for name, ref in zip(case['feature_names'], case['features']):
-        assert _rel_err(captured[name], ref) < 1e-6, name
-        assert _rel_err(stages[int(name.split('.')[1])], ref) < 1e-6, name
+        assert parity_error(captured[name], ref) < 1e-6, name
+        assert parity_error(stages[int(name.split('.')[1])], ref) < 1e-6, name
     assert torch.equal(final, model.forward_features(x))
 
 
@@ -161,7 +157,7 @@ def test_pretrained_loading_through_timm(tmp_path):
     model = timm.create_model('biformer_tiny', pretrained=True, num_classes=kw['num_classes'], **arch,
                               pretrained_cfg_overlay=dict(overlay, num_classes=kw['num_classes'])).double().eval()
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     other = timm.create_model('biformer_tiny', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=3, **arch)
     assert torch.equal(other.stem[0].weight, model.stem[0].weight.float())
     assert other.get_classifier().out_features == 3

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import visionmix  # noqa: F401
-from tests.conftest import parity_dir, parity_files
+from tests.conftest import parity_dir, parity_error, parity_files
 from visionmix.convert import build_from_official
 from visionmix.layers import InLineAttention
 from visionmix.models.inline import convert_official
@@ -20,10 +20,6 @@ VARIANTS = {
     'cswin': ['inline_cswin_tiny', 'inline_cswin_small', 'inline_cswin_base', 'inline_cswin_base_384'],
 }
 TEST_VARIANTS = ['test_inline_deit', 'test_inline_pvt', 'test_inline_swin', 'test_inline_cswin']
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _tokens(t):
@@ -60,11 +56,11 @@ def test_parity_with_original(path):
     x = case['input'].double()
     with torch.no_grad():
         out = model(x)
-        assert _rel_err(out, case['output']) < 1e-6
+        assert parity_error(out, case['output']) < 1e-6
         names = case.get('feature_names', [])
         for name, got, ref in zip(names, _features(model, host, x, names), case.get('features', [])):
             assert got.shape == ref.shape, name
-            assert _rel_err(got, ref) < 1e-6, name
+            assert parity_error(got, ref) < 1e-6, name
 
 
 def _manifests():
@@ -229,7 +225,7 @@ def test_pretrained_loading_through_timm(host, tmp_path, fake_yacs):
     overlay = dict(file=str(file), num_classes=kwargs['num_classes'], custom_load=True)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).double().eval()
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     other = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file), custom_load=True),
                               **dict(kwargs, num_classes=3))
     assert other.get_classifier().out_features == 3

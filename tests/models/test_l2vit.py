@@ -7,7 +7,7 @@ import timm
 import torch
 
 import visionmix  # noqa: F401
-from tests.conftest import parity_dir, parity_files
+from tests.conftest import parity_dir, parity_error, parity_files
 from visionmix.convert import build_from_official
 from visionmix.models.l2vit import L2ViT, checkpoint_filter_fn, convert_official
 
@@ -15,10 +15,6 @@ VARIANTS = {  # manifest variant -> registered name
     'L2ViT_Tiny': 'l2vit_tiny', 'L2ViT_Small': 'l2vit_small', 'L2ViT_Base': 'l2vit_base',
     'L2ViT_Base_384': 'l2vit_base_384', 'L2ViT_Base_22k': 'l2vit_base',
 }
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _case(pattern='l2vit_case1.pt'):
@@ -37,12 +33,12 @@ def test_parity_with_original(path):
     with torch.no_grad():
         out = model(x)
         final, stages = model.forward_intermediates(x, output_fmt='NHWC')
-    assert _rel_err(out, case['output']) < 1e-6
+    assert parity_error(out, case['output']) < 1e-6
     assert case.get('features')
     for name, ref in zip(case['feature_names'], case['features']):
         # original features are token sequences (B, H*W, C) of each stage and of the final norm
         feat = final if name == 'norm' else stages[int(name.split('.')[1])]
-        assert _rel_err(feat.flatten(1, 2), ref) < 1e-6, name
+        assert parity_error(feat.flatten(1, 2), ref) < 1e-6, name
     assert torch.equal(final, model.forward_features(x))
 
 
@@ -108,7 +104,7 @@ def test_pretrained_loading_through_timm(tmp_path):
         dims=kw['dims'], depths=kw['depths'], num_heads=kw['num_heads'], window_size=kw['window_size'],
         num_classes=kw['num_classes']).double().eval()
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     # another num_classes keeps everything but the classifier
     other = timm.create_model(
         'l2vit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=True),

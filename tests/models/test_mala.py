@@ -8,7 +8,7 @@ import timm
 import torch
 
 import visionmix  # noqa: F401
-from tests.conftest import parity_dir, parity_files
+from tests.conftest import parity_dir, parity_error, parity_files
 from visionmix.convert import build_from_official
 from visionmix.models.mala import MALA, checkpoint_filter_fn, convert_official, rope_frequencies
 
@@ -18,10 +18,6 @@ RELEASED = {  # name -> parameter count of the original model (manifests in shar
 }
 MANIFEST_VARIANTS = {'MALA': 'mavit', 'RAVLT': 'ravlt'}
 SIZES = {'T': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large'}
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _my_module_name(name: str) -> str:
@@ -49,12 +45,12 @@ def test_parity_with_original(path):
         final, stages = model.forward_intermediates(x)
     for h in hooks:
         h.remove()
-    assert _rel_err(out, case['output']) < 1e-6
+    assert parity_error(out, case['output']) < 1e-6
     assert len(case['features']) == len(case['feature_names']) > 0
     for name, ref in zip(case['feature_names'], case['features']):
-        assert _rel_err(captured[name], ref) < 1e-6, name
+        assert parity_error(captured[name], ref) < 1e-6, name
         if '.blocks.' in name:  # the stage output before downsampling is what forward_intermediates returns
-            assert _rel_err(stages[int(name.split('.')[1])], ref) < 1e-6, name
+            assert parity_error(stages[int(name.split('.')[1])], ref) < 1e-6, name
     assert torch.equal(final, model.forward_features(x))
 
 
@@ -144,7 +140,7 @@ def test_checkpoint_filter_on_training_dict():
     wrapped = {'model': {'module.' + k: v for k, v in case['state_dict'].items()}, 'optimizer': {}, 'epoch': 1}
     model.load_state_dict(filter_fn(wrapped, model), strict=True)
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     assert filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
     bad = dict(case['state_dict'])
     bad['layers.0.RoPE.angle'] = torch.ones_like(bad['layers.0.RoPE.angle'])
@@ -171,7 +167,7 @@ def test_pretrained_loading_through_timm(tmp_path):
     model = timm.create_model('mavit_tiny', pretrained=True, num_classes=kw['num_classes'], **arch,
                               pretrained_cfg_overlay=dict(overlay, num_classes=kw['num_classes'])).double().eval()
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     other = timm.create_model('mavit_tiny', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=3, **arch)
     assert torch.equal(other.stem[0].weight, model.stem[0].weight.float())
     assert other.get_classifier().out_features == 3

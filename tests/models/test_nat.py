@@ -6,7 +6,7 @@ import timm
 import torch
 
 import visionmix  # noqa: F401
-from tests.conftest import parity_dir, parity_files
+from tests.conftest import parity_dir, parity_error, parity_files
 from visionmix.convert import build_from_official
 from visionmix.models.nat import NAT, checkpoint_filter_fn
 
@@ -14,10 +14,6 @@ RELEASED = {  # name -> parameter count of the released checkpoint
     'nat_mini': 19_984_174, 'nat_tiny': 27_901_582, 'nat_small': 50_743_297, 'nat_base': 89_769_652,
     'dinat_mini': 19_984_174, 'dinat_tiny': 27_901_582, 'dinat_small': 50_719_681, 'dinat_base': 89_769_652,
 }
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize('path', parity_files('nat') + parity_files('dinat'))
@@ -29,10 +25,10 @@ def test_parity_with_original(path):
     with torch.no_grad():
         out = model(x)
         final, stages = model.forward_intermediates(x, output_fmt='NHWC')
-    assert _rel_err(out, case['output']) < 1e-6
+    assert parity_error(out, case['output']) < 1e-6
     for name, ref in zip(case.get('feature_names', []), case.get('features', [])):
         level = int(name.split('.')[1])  # 'levels.{i}.blocks.{-1}': the stage output before downsampling
-        assert _rel_err(stages[level], ref) < 1e-6, name
+        assert parity_error(stages[level], ref) < 1e-6, name
     assert torch.equal(final, model.forward_features(x))
 
 
@@ -103,7 +99,7 @@ def test_pretrained_loading_through_timm(tmp_path):
         embed_dim=kw['embed_dim'], depths=kw['depths'], num_heads=kw['num_heads'], mlp_ratio=kw['mlp_ratio'],
         num_classes=kw['num_classes']).double().eval()
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     # loading an already-converted state dict is a no-op
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
 

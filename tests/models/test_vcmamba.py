@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import visionmix  # noqa: F401
-from tests.conftest import parity_dir, parity_files
+from tests.conftest import parity_dir, parity_error, parity_files
 from visionmix.convert import build_from_official
 from visionmix.models.vcmamba import (
     VCMamba,
@@ -23,10 +23,6 @@ from visionmix.models.vcmamba import (
 
 OFFICIAL_CLASS = 'model/mambacnn.py:EfficientFormer'
 SIZES = {'S': 'small', 'M': 'medium', 'B': 'base'}
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _load(path):
@@ -48,15 +44,15 @@ def test_parity_with_original(path):
         final, stages = model.forward_intermediates(x)
         out = model.forward_head(final)
         torch.testing.assert_close(model(x), out, rtol=0, atol=0)
-    assert _rel_err(out, case['output']) < 1e-6
+    assert parity_error(out, case['output']) < 1e-6
     assert len(case['features']) == len(case['feature_names']) > 0
     for name, ref in zip(case['feature_names'], case['features']):
-        assert _rel_err(stages[int(name.removeprefix('stage')) - 1], ref) < 1e-12, name
+        assert parity_error(stages[int(name.removeprefix('stage')) - 1], ref) < 1e-12, name
     sd = case['state_dict']
     with torch.no_grad():
         model.head.fc.weight.copy_((sd['head.weight'].double() + sd['dist_head.weight'].double()) / 2)
         model.head.fc.bias.copy_((sd['head.bias'].double() + sd['dist_head.bias'].double()) / 2)
-        assert _rel_err(model.forward_head(final), case['output']) < 1e-12
+        assert parity_error(model.forward_head(final), case['output']) < 1e-12
 
 
 def test_eval_logits_are_the_mean_of_both_heads():
@@ -263,7 +259,7 @@ def test_pretrained_loading_through_timm(tmp_path):
     model = timm.create_model('vcmamba_small', pretrained=True, num_classes=kw['num_classes'], **arch,
                               pretrained_cfg_overlay=dict(overlay, num_classes=kw['num_classes'])).double().eval()
     with torch.no_grad():
-        assert _rel_err(model(case['input'].double()), case['output']) < 1e-6
+        assert parity_error(model(case['input'].double()), case['output']) < 1e-6
     other = timm.create_model('vcmamba_small', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=3, **arch)
     assert other.get_classifier().out_features == 3
     own = {k: v.double() for k, v in other.state_dict().items() if not k.startswith('head.')}
