@@ -6,14 +6,17 @@ A thin loop over timm's library: ``create_model``, ``create_dataset`` / ``create
 split, appends a row to ``OUTPUT/summary.csv`` and saves ``last.pth.tar`` (and ``model_best.pth.tar``);
 ``curves.png`` plots the run at the end. Model EMA (``--model-ema``), RandAugment / random erasing / mixup /
 cutmix / repeated augmentation, bfloat16 or float16 AMP, ``torch.compile`` and distributed data parallel
-(launched by ``torchrun``) follow timm's own train.py. ``--checkpoint-interval N`` also saves ``last.pth.tar``
-every N updates inside an epoch; resuming from it continues at the next update (each epoch's shuffle is fixed
-by ``--seed`` and the epoch, the consumed batches are skipped).
+(launched by ``torchrun``, with ``--sync-bn`` on CUDA) follow timm's own train.py, and so do gradient accumulation
+(``--grad-accum-steps``) and ``--cooldown-epochs`` at the minimum lr after the schedule. ``--distill-teacher``
+adds DeiT's hard or soft distillation from a frozen timm teacher. ``--checkpoint-interval N`` also saves
+``last.pth.tar`` every N updates inside an epoch; resuming from it continues at the next update (each epoch's shuffle
+is fixed by ``--seed`` and the epoch, the consumed batches are skipped).
 
 Usage:
     python tools/train.py -c configs/demo/digits_nat.yaml
     python tools/train.py --data-dir /data/imagenet --model nat_mini --epochs 300 -b 128 --lr 1e-3 --amp
     python tools/train.py -c my.yaml --resume output/train/run/last.pth.tar --epochs 400
+    python tools/train.py -c configs/imagenet/vcmamba_small.yaml --data-dir /data/imagenet --teacher-checkpoint t.pth
     torchrun --nproc_per_node 8 tools/train.py -c configs/imagenet/nat_tiny.yaml --data-dir /data/imagenet
 
 Config YAML keys are argument names (``batch_size: 64``); flags given on the command line override them.
@@ -34,14 +37,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import yaml
 from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model
+from timm.models import create_model, get_pretrained_cfg_value
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.task import DistillationTeacher
 from timm.utils import ModelEmaV3, accuracy, distribute_bn, random_seed, unwrap_model
 from tqdm import tqdm
 
@@ -52,7 +57,12 @@ import visionmix  # noqa: E402,F401  (registers the visionmix models with timm)
 SUMMARY_FIELDS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
 EMA_SUMMARY_FIELDS = ('ema_eval_loss', 'ema_eval_top1', 'ema_eval_top5')
 # args that define the lr schedule; a resumed run restores the scheduler state only when they are unchanged
-SCHEDULE_ARGS = ('sched', 'epochs', 'lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'sched_on_updates', 'batch_size')
+SCHEDULE_ARGS = ('sched', 'epochs', 'lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'sched_on_updates', 'batch_size',
+                 'grad_accum_steps')
+# the value of args added later, for checkpoints written before them
+LATER_ARG_DEFAULTS = dict(grad_accum_steps=1)
+# devices torch's SyncBatchNorm runs on in training (torch.nn.modules.batchnorm.SyncBatchNorm.forward)
+SYNC_BN_DEVICES = ('cuda', 'hpu', 'xpu', torch._C._get_privateuse1_backend_name())
 
 
 class ParseKwargs(argparse.Action):
@@ -103,7 +113,10 @@ def build_parsers():
 
     group = parser.add_argument_group('Optimization')
     group.add_argument('--epochs', type=int, default=100)
-    group.add_argument('-b', '--batch-size', type=int, default=128)
+    group.add_argument('-b', '--batch-size', type=int, default=128, help='per process (GPU)')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='sum the gradients of N batches into one update (each loss divided by N, an epoch-end '
+                            'group of fewer batches by its size); the schedule, EMA and checkpoints count updates')
     group.add_argument('--opt', default='adamw', help='timm optimizer name')
     group.add_argument('--lr', type=float, default=1e-3)
     group.add_argument('--weight-decay', type=float, default=0.05)
@@ -116,6 +129,8 @@ def build_parsers():
     group.add_argument('--min-lr', type=float, default=0.)
     group.add_argument('--warmup-lr', type=float, default=1e-5)
     group.add_argument('--warmup-epochs', type=int, default=0)
+    group.add_argument('--cooldown-epochs', type=int, default=0,
+                       help='epochs at --min-lr trained after --epochs (cosine / tanh / poly schedules, as timm)')
 
     group = parser.add_argument_group('Augmentation and regularization')
     group.add_argument('--no-aug', action='store_true', help='plain resize / center-crop for training')
@@ -135,6 +150,19 @@ def build_parsers():
     group.add_argument('--aug-repeats', type=float, default=0,
                        help='repeated augmentation: each image N times per epoch (timm RepeatAugSampler)')
 
+    group = parser.add_argument_group('Distillation (DeiT)')
+    group.add_argument('--distill-teacher', default='', metavar='MODEL',
+                       help='timm name of a frozen teacher, e.g. regnety_160.deit_in1k (empty: no distillation). The '
+                            'loss is (1 - alpha) x label loss + alpha x distillation loss as in DeiT; a student that '
+                            'returns (cls, dist) logits is split as in DeiT, one that returns a single tensor (all '
+                            'visionmix models) uses it for both terms')
+    group.add_argument('--teacher-checkpoint', default='', metavar='PATH',
+                       help="teacher weights (its EMA copy if the file has one), default: the model's pretrained ones")
+    group.add_argument('--distill-type', default='hard', choices=('hard', 'soft'),
+                       help="hard: cross entropy with the teacher's argmax; soft: KL divergence at --distill-tau")
+    group.add_argument('--distill-alpha', type=float, default=0.5, help='weight of the distillation term')
+    group.add_argument('--distill-tau', type=float, default=1.0, help='soft distillation temperature')
+
     group = parser.add_argument_group('Runtime')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     group.add_argument('--amp', action='store_true', help='autocast to --amp-dtype')
@@ -142,7 +170,9 @@ def build_parsers():
                        help='float16 adds a GradScaler')
     group.add_argument('--torch-compile', action='store_true', help='torch.compile the model')
     group.add_argument('--torch-compile-backend', default='inductor', help="torch.compile backend ('eager' on CPU)")
-    group.add_argument('--sync-bn', action='store_true', help='synchronized BatchNorm across distributed ranks')
+    group.add_argument('--sync-bn', action='store_true',
+                       help='distributed runs: BatchNorm statistics synchronized across the ranks (SyncBatchNorm, not '
+                            'on CPU); without it they are averaged at each epoch end')
     group.add_argument('-j', '--workers', type=int, default=4)
     group.add_argument('--seed', type=int, default=42)
     group.add_argument('--output', metavar='DIR', default='', help='default: output/train/<model>-<time>')
@@ -173,6 +203,8 @@ def parse_args(argv=None):
         args.opt_betas = _float_pair(args.opt_betas)
     if args.data_dir is None:
         parser.error('--data-dir is required')
+    if args.grad_accum_steps < 1:
+        parser.error('--grad-accum-steps must be at least 1')
     return args
 
 
@@ -266,26 +298,92 @@ def amp_autocast(device, amp, amp_dtype='bfloat16'):
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, amp_dtype))
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, epoch, num_updates, args, mixup_fn=None,
-                    model_ema=None, scaler=None, start_batch=0, totals=None, rng_state=None, save_fn=None):
-    """One pass over ``loader``, from batch ``start_batch`` on when resuming inside the epoch.
+class DistillationLoss(nn.Module):
+    """DeiT's distillation loss (facebookresearch/deit losses.py), given the teacher's logits.
 
-    ``totals`` are the epoch's running sums (loss, samples, correct, lr, updates), kept in mid-epoch checkpoints;
-    ``rng_state`` is restored once the loader iterator exists; ``save_fn(batch_idx, num_updates, totals)`` runs
-    every ``--checkpoint-interval`` updates. Returns mean loss, train top-1 (None under mixup), mean lr (all
-    reduced over the ranks) and the update count.
+    ``(1 - alpha) * base_loss(cls, target) + alpha * distillation``; hard: cross entropy of ``dist`` with the teacher's
+    argmax, soft: ``KL(log_softmax(dist / tau), log_softmax(teacher / tau)) * tau^2 / dist.numel()`` (summed).
+    A student output ``(cls, dist)`` is split as in DeiT; a single tensor is both ``cls`` and ``dist``.
+    """
+
+    def __init__(self, base_loss, distill_type='hard', alpha=0.5, tau=1.0):
+        super().__init__()
+        if distill_type not in ('hard', 'soft'):
+            raise ValueError(f'distill_type must be hard or soft, got {distill_type!r}')
+        self.base_loss, self.distill_type, self.alpha, self.tau = base_loss, distill_type, alpha, tau
+
+    def forward(self, output, target, teacher_output):
+        # our models have one head (VCMamba's head and dist_head are folded into it): it serves both terms
+        output_kd = output
+        if isinstance(output, (tuple, list)):
+            output, output_kd = output
+        base_loss = self.base_loss(output, target)
+        if self.distill_type == 'soft':
+            tau = self.tau
+            distill_loss = F.kl_div(
+                F.log_softmax(output_kd / tau, dim=1), F.log_softmax(teacher_output / tau, dim=1),
+                reduction='sum', log_target=True) * (tau * tau) / output_kd.numel()
+        else:
+            distill_loss = F.cross_entropy(output_kd, teacher_output.argmax(dim=1))
+        return base_loss * (1 - self.alpha) + distill_loss * self.alpha
+
+
+class Teacher(DistillationTeacher):
+    """timm's ``DistillationTeacher``, frozen and always in eval mode, called on the student's (normalized) inputs.
+
+    The weights come from ``checkpoint`` (a timm / train.py / DeiT file) or else the model's pretrained ones, which
+    must then have ``num_classes`` outputs. Inputs are re-normalized from the student's ``mean`` / ``std`` to the
+    teacher's.
+    """
+
+    def __init__(self, model_name, num_classes, mean, std, checkpoint='', device=None):
+        pretrained_classes = None if checkpoint else get_pretrained_cfg_value(model_name, 'num_classes')
+        if not checkpoint and pretrained_classes != num_classes:
+            raise ValueError(f'the pretrained {model_name} has {pretrained_classes} classes, the student '
+                             f'{num_classes}: pass a --teacher-checkpoint with {num_classes}')
+        super().__init__(model_name, num_classes=num_classes, pretrained_path=checkpoint or None, device=device)
+        self.requires_grad_(False)
+        self.eval()
+        self.register_buffer('student_mean', torch.tensor(mean, device=device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('student_std', torch.tensor(std, device=device).view(1, -1, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, input):
+        return self.model(self.normalize_input(input, self.student_mean, self.student_std))
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, epoch, num_updates, args, mixup_fn=None,
+                    model_ema=None, scaler=None, start_batch=0, totals=None, rng_state=None, save_fn=None,
+                    teacher=None, num_epochs=None):
+    """One pass over ``loader``, from batch ``start_batch`` (a group start) on when resuming inside the epoch.
+
+    Every ``--grad-accum-steps`` batches make one update (``model.no_sync()``, where the model has it, skips the
+    DDP gradient all-reduce before a group's last batch); each batch loss is divided by its group's size, so a
+    shorter last group of the epoch is the mean of its own batches. ``totals`` are the epoch's running sums (loss,
+    samples, correct, lr, updates), kept in mid-epoch checkpoints; ``rng_state`` is restored once the loader
+    iterator exists; ``save_fn(batch_idx, num_updates, totals)`` runs every ``--checkpoint-interval`` updates.
+    ``teacher`` (with a ``DistillationLoss``) gives the distillation logits. Returns mean loss, train top-1 (None
+    under mixup), mean lr (all reduced over the ranks) and the update count.
     """
     model.train()
     device = torch.device(args.device)
     autocast = amp_autocast(device, args.amp, args.amp_dtype)
     totals = dict(totals or dict(loss=0., count=0., correct=0., lr=0., updates=0.))
-    updates_per_epoch = len(loader)
-    bar = tqdm(total=updates_per_epoch, initial=start_batch, desc=f'train {epoch + 1}/{args.epochs}', leave=False,
-               disable=args.no_progress or args.rank != 0, dynamic_ncols=True)
+    accum_steps = args.grad_accum_steps
+    num_batches = len(loader)
+    bar = tqdm(total=num_batches, initial=start_batch, desc=f'train {epoch + 1}/{num_epochs or args.epochs}',
+               leave=False, disable=args.no_progress or args.rank != 0, dynamic_ncols=True)
     batches = iter(loader)
     if rng_state is not None:
         set_rng_state(rng_state)
+    optimizer.zero_grad(set_to_none=True)
     for batch_idx, (input, target) in enumerate(batches, start=start_batch):
+        group_start = batch_idx - batch_idx % accum_steps
+        group_size = min(accum_steps, num_batches - group_start)
+        need_update = batch_idx + 1 == group_start + group_size
         input, target = input.to(device), target.to(device)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
@@ -293,47 +391,60 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, epoch, num_upd
         if mixup_fn is not None:
             input, target = mixup_fn(input, target)
 
-        with autocast:
-            output = model(input)
-            loss = loss_fn(output, target)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f'loss is {loss_value} at epoch {epoch}, stopping')
-        optimizer.zero_grad(set_to_none=True)
+        no_sync = model.no_sync() if not need_update and hasattr(model, 'no_sync') else nullcontext()
+        with no_sync:
+            with autocast:
+                output = model(input)
+                if teacher is None:
+                    loss = loss_fn(output, target)
+                else:
+                    loss = loss_fn(output, target, teacher(input))  # no_grad, eval mode, in the same autocast
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f'loss is {loss_value} at epoch {epoch}, stopping')
+            if group_size > 1:
+                loss = loss / group_size
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
         lr = optimizer.param_groups[0]['lr']
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-        num_updates += 1
-        if model_ema is not None:
-            model_ema.update(unwrap_model(model), step=num_updates)
-        if scheduler is not None:
-            scheduler.step_update(num_updates=num_updates)  # no-op unless the schedule steps per update
+        if need_update:
+            if scaler is not None:
+                if args.clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if args.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(unwrap_model(model), step=num_updates)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)  # no-op unless the schedule steps per update
+            totals['lr'] += lr
+            totals['updates'] += 1
 
         n = input.size(0)
         totals['loss'] += loss_value * n
         totals['count'] += n
-        totals['lr'] += lr
-        totals['updates'] += 1
         postfix = dict(loss=f'{totals["loss"] / totals["count"]:.4f}')
         if mixup_fn is None:
-            totals['correct'] += accuracy(output.detach().float(), hard_target)[0].item() * n / 100
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            totals['correct'] += accuracy(logits.detach().float(), hard_target)[0].item() * n / 100
             postfix['acc'] = f'{100 * totals["correct"] / totals["count"]:.2f}'
         postfix['lr'] = f'{lr:.2e}'
         bar.set_postfix(postfix)
         bar.update()
 
+        if not need_update:
+            continue
         if (save_fn is not None and args.checkpoint_interval and num_updates % args.checkpoint_interval == 0
-                and batch_idx + 1 < updates_per_epoch):
+                and batch_idx + 1 < num_batches):
             save_fn(batch_idx + 1, num_updates, totals)
         if args.stop_after_updates and num_updates >= args.stop_after_updates:
             bar.close()
@@ -471,6 +582,13 @@ def main(argv=None):
         model.set_grad_checkpointing(True)
     if args.distributed and args.sync_bn:
         model = convert_sync_batchnorm(model)
+        num_sync_bn = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+        if num_sync_bn and device.type not in SYNC_BN_DEVICES:
+            raise SystemExit(f'--sync-bn: {num_sync_bn} BatchNorm layers of {args.model} were converted to '
+                             f'SyncBatchNorm, which torch runs on {"/".join(SYNC_BN_DEVICES)} only, not on '
+                             f'{device.type}; leave --sync-bn out (the BatchNorm statistics of the ranks are then '
+                             f'averaged at each epoch end)')
+        log(f'--sync-bn: {num_sync_bn} BatchNorm layers synchronized across the ranks')
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -515,6 +633,13 @@ def main(argv=None):
         train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         train_loss_fn = nn.CrossEntropyLoss()
+    teacher = None
+    if args.distill_teacher:
+        teacher = Teacher(args.distill_teacher, num_classes, data_config['mean'], data_config['std'],
+                          checkpoint=args.teacher_checkpoint, device=device)
+        train_loss_fn = DistillationLoss(train_loss_fn, args.distill_type, args.distill_alpha, args.distill_tau)
+        if hasattr(model, 'set_distilled_training'):  # timm's distilled DeiTs return (cls, dist) when training
+            model.set_distilled_training(True)
 
     opt_kwargs = {}
     if args.opt_eps is not None:
@@ -524,14 +649,17 @@ def main(argv=None):
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kwargs)
     scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == 'float16' else None
-    updates_per_epoch = len(loader_train)
-    scheduler, _ = create_scheduler_v2(
+    accum_steps = args.grad_accum_steps
+    updates_per_epoch = (len(loader_train) + accum_steps - 1) // accum_steps
+    # num_epochs adds the cooldown (cosine / tanh / poly schedules), as timm's train.py trains it
+    scheduler, num_epochs = create_scheduler_v2(
         optimizer,
         sched=args.sched,
         num_epochs=args.epochs,
         min_lr=args.min_lr,
         warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs,
+        cooldown_epochs=args.cooldown_epochs,
         step_on_epochs=not args.sched_on_updates,
         updates_per_epoch=updates_per_epoch,
     )
@@ -544,6 +672,7 @@ def main(argv=None):
         model.load_state_dict(checkpoint['state_dict'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         old_args = checkpoint.get('args', {})
+        old_args = {**LATER_ARG_DEFAULTS, **old_args}
         changed = [k for k in SCHEDULE_ARGS if old_args.get(k) != getattr(args, k)]
         if scheduler is not None and checkpoint.get('scheduler') is not None and not changed:
             scheduler.load_state_dict(checkpoint['scheduler'])
@@ -561,10 +690,12 @@ def main(argv=None):
         if checkpoint.get('batch_idx'):  # saved inside an epoch: continue with its next update
             start_epoch, start_batch = checkpoint['epoch'], checkpoint['batch_idx']
             rank_states = checkpoint.get('rank_states') or []
-            if len(rank_states) == args.world_size and old_args.get('batch_size') == args.batch_size:
+            if (len(rank_states) == args.world_size and old_args.get('batch_size') == args.batch_size
+                    and old_args.get('grad_accum_steps') == accum_steps):
                 resume_rank_state = rank_states[args.rank]
             else:
-                log('the checkpoint position was saved with another world size or batch size: restarting its epoch')
+                log('the checkpoint position was saved with another world size, batch size or accumulation: '
+                    'restarting its epoch')
                 start_batch = 0
             log(f'resumed from {args.resume}, continuing at epoch {start_epoch + 1}, update {start_batch + 1}')
         else:
@@ -573,7 +704,7 @@ def main(argv=None):
     rows = [row for row in read_summary(summary_path) if row['epoch'] < start_epoch] if args.resume else []
     summary_fields = SUMMARY_FIELDS + (EMA_SUMMARY_FIELDS if model_ema is not None else ())
 
-    num_updates = start_epoch * updates_per_epoch + start_batch
+    num_updates = start_epoch * updates_per_epoch + start_batch // accum_steps  # mid-epoch saves are at group ends
     # move the schedule to where this run starts (a fresh run is already at 0)
     if scheduler is not None and num_updates > 0:
         if args.sched_on_updates:
@@ -589,8 +720,13 @@ def main(argv=None):
         train_model = torch.compile(train_model, backend=args.torch_compile_backend)
 
     log(f'{args.model}: {num_params / 1e6:.2f}M params, {num_classes} classes, input {data_config["input_size"]}, '
-        f'{len(dataset_train)} train / {len(dataset_eval)} val images, {updates_per_epoch} updates/epoch'
-        f'{f" per rank x {args.world_size} ranks" if args.distributed else ""}, device {device}, output {output_dir}')
+        f'{len(dataset_train)} train / {len(dataset_eval)} val images, device {device}, output {output_dir}')
+    log(f'batch {args.batch_size} x {args.world_size} ranks x {accum_steps} accumulation steps = '
+        f'{args.batch_size * args.world_size * accum_steps} images per update, {updates_per_epoch} updates/epoch, '
+        f'{num_epochs} epochs{f" ({args.cooldown_epochs} of cooldown)" if num_epochs > args.epochs else ""}')
+    if teacher is not None:
+        log(f'DeiT {args.distill_type} distillation from {args.distill_teacher} '
+            f'({args.teacher_checkpoint or "pretrained"}), alpha {args.distill_alpha}, tau {args.distill_tau}')
 
     def checkpoint_state(epoch, batch_idx=None, **extra):
         state = dict(
@@ -624,7 +760,7 @@ def main(argv=None):
 
     eval_metrics = ema_metrics = None
     progress = primary and not args.no_progress
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, num_epochs):
         epoch_start = time.perf_counter()
         # fixed per-epoch randomness, so that a run resumed inside the epoch draws what the first run drew
         random_seed(args.seed + (epoch + 1) * args.world_size, args.rank)
@@ -635,17 +771,17 @@ def main(argv=None):
             mixup_fn=mixup_fn, model_ema=model_ema, scaler=scaler, start_batch=skip,
             totals=resume_rank_state['totals'] if skip and resume_rank_state else None,
             rng_state=resume_rank_state['rng'] if skip and resume_rank_state else None,
-            save_fn=save_mid_epoch(epoch))
+            save_fn=save_mid_epoch(epoch), teacher=teacher, num_epochs=num_epochs)
         num_updates = train_metrics['num_updates']
         if args.distributed and not args.sync_bn:
             distribute_bn(model, args.world_size, reduce=True)  # average the BatchNorm statistics of the ranks
         eval_metrics = evaluate(
             train_model, loader_eval, device, amp=args.amp, amp_dtype=args.amp_dtype,
-            channels_last=args.channels_last, desc=f'eval  {epoch + 1}/{args.epochs}', progress=progress)
+            channels_last=args.channels_last, desc=f'eval  {epoch + 1}/{num_epochs}', progress=progress)
         if model_ema is not None:
             ema_metrics = evaluate(
                 model_ema.module, loader_eval, device, amp=args.amp, amp_dtype=args.amp_dtype,
-                channels_last=args.channels_last, desc=f'ema   {epoch + 1}/{args.epochs}', progress=progress)
+                channels_last=args.channels_last, desc=f'ema   {epoch + 1}/{num_epochs}', progress=progress)
         if scheduler is not None:
             scheduler.step(epoch + 1, eval_metrics['top1'])  # no-op when the schedule steps per update
 
@@ -671,7 +807,7 @@ def main(argv=None):
 
         train_top1 = '' if train_metrics['top1'] is None else f'train_acc {train_metrics["top1"]:6.2f}  '
         ema_top1 = '' if ema_metrics is None else f'ema_top1 {ema_metrics["top1"]:6.2f}  '
-        log(f'epoch {epoch + 1:3d}/{args.epochs}  train_loss {train_metrics["loss"]:.4f}  {train_top1}'
+        log(f'epoch {epoch + 1:3d}/{num_epochs}  train_loss {train_metrics["loss"]:.4f}  {train_top1}'
             f'eval_loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:6.2f}  '
             f'top5 {eval_metrics["top5"]:6.2f}  {ema_top1}lr {train_metrics["lr"]:.2e}  '
             f'{time.perf_counter() - epoch_start:5.1f}s', flush=True)
@@ -688,7 +824,7 @@ def main(argv=None):
         final_top5=final.get('eval_top5'),
         final_eval_loss=final.get('eval_loss'),
         final_ema_top1=final.get('ema_eval_top1'),
-        epochs_run=max(0, args.epochs - start_epoch),
+        epochs_run=max(0, num_epochs - start_epoch),
         start_epoch=start_epoch,
         start_batch=start_batch,
         num_classes=num_classes,

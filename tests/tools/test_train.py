@@ -243,11 +243,13 @@ def test_distributed_torchrun(digits_subset, tmp_path):
     import sys
     output = tmp_path / 'run'
     env = dict(os.environ, OMP_NUM_THREADS='1')
+    # 4 batches per rank in groups of 2 (DDP's no_sync on the first of each), a mid-epoch save after update 1
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(REPO_ROOT / 'tools' / 'train.py'), *_train_args(digits_subset, output, 1, '--checkpoint-interval', '2',
-                                                              '--model-ema')]
+           str(REPO_ROOT / 'tools' / 'train.py'), *_train_args(digits_subset, output, 1, '--checkpoint-interval', '1',
+                                                              '--model-ema', '--grad-accum-steps', '2')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'batch 32 x 2 ranks x 2 accumulation steps = 128 images per update, 2 updates/epoch' in proc.stdout
     lines = (output / 'summary.csv').read_text().splitlines()
     assert len(lines) == 2 and lines[0].split(',')[:5] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
     assert 'ema_eval_top1' in lines[0]
