@@ -368,8 +368,9 @@ def checkpoint_filter_fn(state_dict, model: InLineSwin):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
-    if any('layers.1.downsample' in k for k in state_dict) and not any('layers.0.downsample' in k for k in state_dict):
-        return {k: v for k, v in state_dict.items() if not k.endswith(('relative_position_index', 'attn_mask'))}
+    # this model's own layout already has the patch merging at the start of stages 1-3
+    converted = (any('layers.1.downsample' in k for k in state_dict)
+                 and not any('layers.0.downsample' in k for k in state_dict))
     target = model.state_dict()
     out = {}
     for k, v in state_dict.items():
@@ -377,7 +378,7 @@ def checkpoint_filter_fn(state_dict, model: InLineSwin):
         if k.endswith(('relative_position_index', 'attn_mask')):
             continue
         parts = k.split('.')
-        if parts[0] == 'layers' and parts[2] == 'downsample':
+        if not converted and parts[0] == 'layers' and parts[2] == 'downsample':
             parts[1] = str(int(parts[1]) + 1)
             k = '.'.join(parts)
         if k.endswith('relative_position_bias_table') and k in target and v.shape != target[k].shape:
