@@ -1,0 +1,15 @@
+# MALA (MAViT) UperNet 2x recipe (MALA configs Uper*_2x, mmseg 0.13): 160k, AdamW 6e-5, wd 0.01 (none on norms), warmup 1500,
+# poly 1.0, fp16 loss scale 512, 8x2 (L: 8x1); drop path as the classifier's; stem/downsample BN synchronised.
+_base_ = ['./_base_/upernet.py']
+
+model = dict(
+    backbone=dict(
+        type='MAViTBackbone',
+        model_name='mavit_large',
+        drop_path_rate=0.55),
+    decode_head=dict(in_channels=[96, 192, 448, 640]),
+    auxiliary_head=dict(in_channels=448))
+# fp16 with a static loss scale of 512, as the original (mmcv's Fp16OptimizerHook default)
+optim_wrapper = dict(type='AmpOptimWrapper', loss_scale=512.)
+train_dataloader = dict(batch_size=1)  # 8 GPUs x 1
+sync_bn = 'torch'
