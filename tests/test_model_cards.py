@@ -150,3 +150,15 @@ def test_stats_tool_rows_parse_and_agree():
     text = tool.HEADER + '\n' + tool.format_row(dict(name='test_nat', tags=[]), stats)
     (row,) = variant_rows(text)
     assert row[MODEL_COLUMN] == '`test_nat`' and float(row[PARAMS_COLUMN]) == round(stats['params'] / 1e6, 2)
+
+
+def test_cards_list_every_segmentation_config():
+    """Each ADE20K config is listed by a model card, and every config a card names exists."""
+    import re
+    configs = {p.name for p in (REPO / 'configs' / 'ade20k').glob('*.py')}
+    named = set()
+    for card in CARDS_DIR.glob('*.md'):
+        named |= set(re.findall(r'configs/ade20k/([\w.-]+\.py)', card.read_text()))
+    assert configs, 'no ADE20K configs found'
+    assert named - configs == set(), f'cards name configs that do not exist: {sorted(named - configs)}'
+    assert configs - named == set(), f'configs no card lists: {sorted(configs - named)}'
