@@ -127,6 +127,8 @@ def build_parsers():
     group.add_argument('--sched', default='cosine', help="timm scheduler name, 'none' keeps --lr")
     group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update, not epoch')
     group.add_argument('--min-lr', type=float, default=0.)
+    group.add_argument('--decay-rate', type=float, default=0.1,
+                       help="timm's decay_rate: the lr factor of step schedules, the power of 'poly' (1.0 = linear)")
     group.add_argument('--warmup-lr', type=float, default=1e-5)
     group.add_argument('--warmup-epochs', type=int, default=0)
     group.add_argument('--cooldown-epochs', type=int, default=0,
@@ -657,6 +659,7 @@ def main(argv=None):
         sched=args.sched,
         num_epochs=args.epochs,
         min_lr=args.min_lr,
+        decay_rate=args.decay_rate,
         warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs,
         cooldown_epochs=args.cooldown_epochs,
