@@ -182,6 +182,14 @@ def test_train_then_test_on_synthetic_ade20k(tmp_path):
               if '"loss"' in line]
     assert len(losses) == 12 and min(losses[-3:]) < losses[0]
 
+    # --resume continues from iter_12 (not from scratch) up to the new max_iters
+    resumed = train_seg.main([str(config), '--work-dir', str(work_dir), '--data-root', str(data_root), '--resume',
+                              '--cfg-options', 'train_cfg.max_iters=14', 'train_cfg.val_interval=14'])
+    assert resumed.iter == 14
+    steps = [json.loads(line)['step'] for path in sorted(work_dir.glob('*/vis_data/scalars.json'))
+             for line in open(path) if '"loss"' in line]
+    assert steps == list(range(1, 15))  # one run of 12, then 13 and 14: no iteration trained twice
+
     out = tmp_path / 'metrics.json'
     metrics = test_seg.main([str(config), str(checkpoint), '--work-dir', str(tmp_path / 'test'), '--data-root',
                              str(data_root), '--out', str(out)])
@@ -205,3 +213,21 @@ def test_scaled_windows_load_released_layout_weights(tmp_path):
     torch.testing.assert_close(resized, resize_rel_pos_bias_table(table, (8, 8), resized.shape))
     with torch.no_grad():
         assert [o.shape[-1] for o in backbone(torch.randn(1, 3, 256, 256))] == [64, 32, 16, 8]
+
+
+def test_load_config_overrides(tmp_path):
+    from visionmix.segmentation.runner import load_config
+    config = str(REPO / 'configs/ade20k/upernet_nat_tiny_8xb2-160k_ade20k-512x512.py')
+    cfg = load_config(config, data_root=str(tmp_path), no_pretrained=True, amp=False,
+                      cfg_options={'train_dataloader.batch_size': 3})
+    assert cfg.work_dir == 'work_dirs/upernet_nat_tiny_8xb2-160k_ade20k-512x512'
+    assert {cfg[k].dataset.data_root for k in ('train_dataloader', 'val_dataloader', 'test_dataloader')} == {
+        str(tmp_path)}
+    assert cfg.model.backbone.pretrained is False and cfg.train_dataloader.batch_size == 3
+    # the published fp16 recipe (AmpOptimWrapper, static scale 512) needs CUDA; without it training runs in fp32
+    expected = 'AmpOptimWrapper' if torch.cuda.is_available() else 'OptimWrapper'
+    assert cfg.optim_wrapper.type == expected and ('loss_scale' in cfg.optim_wrapper) == torch.cuda.is_available()
+    cfg = load_config(str(REPO / 'configs/ade20k/upernet_l2vit_tiny_8xb2-160k_ade20k-512x512.py'), amp=True)
+    assert cfg.optim_wrapper.type == expected
+    with pytest.raises(FileNotFoundError, match='config'):
+        load_config(str(tmp_path / 'missing.py'))

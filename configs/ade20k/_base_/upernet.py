@@ -1,26 +1,9 @@
 # UperNet on ADE20K, 512x512 crops: the head, data pipeline and runtime shared by every UperNet config here.
 # Data pipeline, runtime and 160k-iteration loop are mmsegmentation's own base files; the backbone comes from
-# visionmix.segmentation (imported below), so the family configs only name the model and their recipe.
-_base_ = [
-    'mmseg::_base_/datasets/ade20k.py', 'mmseg::_base_/default_runtime.py',
-    'mmseg::_base_/schedules/schedule_160k.py'
-]
-custom_imports = dict(imports=['visionmix.segmentation'], allow_failed_imports=False)
-
-crop_size = (512, 512)
+# visionmix.segmentation (imported in ./ade20k.py), so the family configs only name the model and their recipe.
+_base_ = ['./ade20k.py', 'mmseg::_base_/schedules/schedule_160k.py']
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # reverted to BN by mmengine when not distributed
-data_preprocessor = dict(
-    type='SegDataPreProcessor',
-    mean=[123.675, 116.28, 103.53],
-    std=[58.395, 57.12, 57.375],
-    bgr_to_rgb=True,
-    pad_val=0,
-    seg_pad_val=255,
-    size=crop_size)
 model = dict(
-    type='EncoderDecoder',
-    data_preprocessor=data_preprocessor,
-    backbone=dict(type='TimmFeatureBackbone', pretrained=True, out_indices=(0, 1, 2, 3)),
     decode_head=dict(
         type='UPerHead',
         in_index=[0, 1, 2, 3],
@@ -41,9 +24,7 @@ model = dict(
         num_classes=150,
         norm_cfg=norm_cfg,
         align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
-    train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)))
 
 # AdamW 6e-5, wd 0.01 without decay on norms; 1500 linear warmup iterations, then poly (power 1) to zero.
 optim_wrapper = dict(
