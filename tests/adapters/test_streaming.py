@@ -356,3 +356,5 @@ def test_sigmas_and_chunk_arguments_are_checked():
         next(make_generator(model, layout, config).generate(2, prime=torch.zeros(1, 3, 4, 8, 8)))
     with pytest.raises(ValueError, match='tokens_per_frame'):
         model.new_state(StreamLayout(3, 5), config, 1)
+    with pytest.raises(ValueError, match='use_cuda_graph'):
+        next(make_generator(model, layout, config).generate(2, use_cuda_graph=True))

@@ -1,6 +1,7 @@
-"""Adapters: training-free attention swaps for timm models and attention processors for diffusers.
+"""Adapters: training-free attention swaps for timm models, attention processors for diffusers, streaming video.
 
-``visionmix.adapters.diffusers_grat`` needs diffusers and is imported on use, not here.
+``visionmix.adapters.streaming`` is the Hybrid Forcing streaming engine. ``visionmix.adapters.diffusers_grat`` and
+``visionmix.adapters.diffusers_wan_streaming`` need diffusers and are imported on use, not here.
 """
 from .swap import GratViTAttention, set_grat_grid, swap_attention
 

@@ -91,6 +91,8 @@ class StreamingGenerator:
 
         ``prime`` is ``[B, C, frames, H, W]`` ground truth the stream continues from.
         """
+        if use_cuda_graph and torch.device(self.device or 'cpu').type != 'cuda':
+            raise ValueError(f"use_cuda_graph=True needs the generator on a CUDA device, got device={self.device}")
         f = self.chunk_shape[2]
         primed = 0
         if prime is not None:
@@ -124,8 +126,6 @@ class StreamingGenerator:
     def _graph_step(self, noises: Tensor) -> Tensor:
         """First steady call: one eager step on a side stream (warms caches and allocator). Second: capture, then
         replay; the state's clock is advanced here, since replays do not run Python."""
-        if not noises.is_cuda:
-            raise ValueError('use_cuda_graph=True needs the model and state on a CUDA device')
         if not hasattr(self, '_static_noise'):
             self._static_noise = noises.clone()
             side = torch.cuda.Stream()
