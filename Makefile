@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
+	$(PY) tools/stream_demo.py --frames 60 --clips 4 --out runs/stream_demo
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) --timeout=1200 -q -rs tests

@@ -164,7 +164,7 @@ def plot(summary, path: Path, on_cuda: bool) -> None:
     for i, (key, (a, b)) in enumerate(summary['events'].items()):
         if b > a:
             axes[2].axvspan(a - 0.5, b - 0.5, color=colours.get(key, '0.9'), alpha=0.12, lw=0)
-            axes[2].text(a, 0.98 - 0.06 * (i % 2), key, transform=axes[2].get_xaxis_transform(), fontsize=8,
+            axes[2].text(a, 0.98 - 0.06 * (i % 3), key, transform=axes[2].get_xaxis_transform(), fontsize=8,
                          va='top')
     axes[2].axvline(summary['prime_frames'] - 0.5, color='k', ls=':', lw=1)
     axes[2].set_xlim(0, summary['frames'])
