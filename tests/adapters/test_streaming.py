@@ -224,6 +224,8 @@ def test_top_k_keeps_the_best_scoring_blocks():
     assert torch.equal(idx[0, 0].sort(-1).values, best.sort(-1).values.int())
     with pytest.raises(ValueError, match='ratio'):
         select_key_blocks(q, k, 0.0, 8)
+    with pytest.raises(ValueError, match='block_size'):
+        window_attention(q, k, k, sparsity_ratio=0.5, block_size=0)
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -270,6 +272,33 @@ def test_generating_in_pieces_equals_one_call():
     pieces = list(gen.generate(4, prime=prime, generator=rng)) + list(gen.generate(5, generator=rng))
     assert torch.equal(torch.cat(pieces, 2), whole)
     assert torch.equal(whole[:, :, :6], prime)
+
+
+def test_reset_state_streams_like_a_fresh_one():
+    layout, config = SETUPS['window+memory+sparse']
+    model = tiny_model(6)
+    gen = make_generator(model, layout, config)
+    first = torch.cat(list(gen.generate(6, generator=torch.Generator().manual_seed(0))), 2)
+    gen.state.reset()
+    assert gen.state.chunk == 0 and all(c.memory.count.item() == 0 for c in gen.state.layers)
+    again = torch.cat(list(gen.generate(6, generator=torch.Generator().manual_seed(0))), 2)
+    assert torch.equal(first, again)
+
+
+def test_steady_needs_positions_that_stop_moving():
+    model = tiny_model()
+    capped = make_generator(model, StreamLayout(3, 4, 1, 1, rope_frame_cap=9), HybridConfig())
+    uncapped = make_generator(model, StreamLayout(3, 4, 1, 1), HybridConfig())
+    no_sink = make_generator(model, StreamLayout(3, 4, 0, 2), HybridConfig())
+    steady = {}
+    for name, gen in (('capped', capped), ('uncapped', uncapped), ('no_sink', no_sink)):
+        steady[name] = []
+        for _ in range(5):
+            steady[name].append(gen.steady())
+            gen.state.chunk += 1
+    assert steady['capped'] == [False, False, False, True, True]  # window full at 3, query at the cap from 3
+    assert steady['uncapped'] == [False] * 5  # the sink's absolute distance keeps growing
+    assert steady['no_sink'] == [False, False, False, True, True]  # only relative positions matter
 
 
 def test_denoising_steps_overwrite_the_chunk_slots_and_the_clean_pass_stays():

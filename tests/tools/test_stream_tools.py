@@ -76,6 +76,13 @@ def test_stream_demo_writes_video_plots_and_summary(tiny_checkpoint, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_stream_demo_writes_mp4_with_pyav(tmp_path):
+    pytest.importorskip('av')
+    video = torch.rand(3, 4, 8, 8) * 2 - 1
+    load_tool('stream_demo').write_video(video, {'window': video}, tmp_path)
+    assert (tmp_path / 'stream.gif').stat().st_size > 0 and (tmp_path / 'stream.mp4').stat().st_size > 0
+
+
 def test_shipped_checkpoint_remembers_the_cue_across_the_blackout():
     """The committed model: the linear memory recovers the cue colour that window-only attention has lost."""
     assert CHECKPOINT.stat().st_size < 8 * 2 ** 20

@@ -69,10 +69,10 @@ class HybridSelfAttention(nn.Module):
         ids = plan['view_ids']  # [2, n, L]: clean views, noisy views (ids into the 2n source chunks)
         keys = src_k[:, ids.flatten()].reshape(B, 2, n, -1, H, D).transpose(0, 1).reshape(2 * B * n, -1, H, D)
         vals = src_v[:, ids.flatten()].reshape(B, 2, n, -1, H, D).transpose(0, 1).reshape(2 * B * n, -1, H, D)
-        cos_k, sin_k = plan['rope_k']  # [n, L * T, D / 2]
-        cos_q, sin_q = plan['rope_q']  # [n, T, D / 2]
-        keys = rotate_views(keys, cos_k, sin_k)
-        qv = rotate_views(q.reshape(2 * B * n, T, H, D), cos_q, sin_q)
+        cos_k, sin_k = plan['rope_k']  # [n, L * T, D]
+        cos_q, sin_q = plan['rope_q']  # [n, T, D]
+        keys = VideoRope.rotate(keys.unflatten(0, (-1, n)), cos_k, sin_k).flatten(0, 1)  # one table per view
+        qv = VideoRope.rotate(q.reshape(2 * B, n, T, H, D), cos_q, sin_q).flatten(0, 1)
         mask = plan['key_mask'].repeat(2 * B, 1)  # [2Bn, L * T]
         cfg: HybridConfig = plan['config']
         out = window_attention(qv, keys, vals, mask, cfg.sparsity_ratio, cfg.block_size, cfg.backend)
@@ -84,16 +84,6 @@ class HybridSelfAttention(nn.Module):
             active = plan['memory_active'].to(out.dtype).repeat_interleave(T)[None, :, None, None]
             out = out + self.memory_proj(mem) * active
         return self.proj(out.flatten(2))
-
-
-def rotate_views(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``[V * n, N, H, D]`` with per-view tables ``[n, N, D/2]`` (views repeat the n tables)."""
-    n = cos.shape[0]
-    xs = x.unflatten(0, (-1, n))  # [V, n, N, H, D]
-    acc = torch.promote_types(x.dtype, cos.dtype)
-    x1, x2 = xs.to(acc).unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[None, :, :, None, :].to(acc), sin[None, :, :, None, :].to(acc)
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype).flatten(0, 1)
 
 
 class Block(nn.Module):
@@ -132,6 +122,7 @@ class StreamingVideoDiT(nn.Module):
         self.modulation_out = nn.Linear(embed_dim, 2 * embed_dim)
         self.head = nn.Linear(embed_dim, in_chans * patch_size ** 2)
         self.rope = VideoRope(embed_dim // num_heads)
+        self._clip_plans = {}  # (layout, config, chunks, device, dtype) -> plan: built once, reused every step
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -215,7 +206,13 @@ class StreamingVideoDiT(nn.Module):
 
     def clip_plan(self, layout: StreamLayout, config: HybridConfig, n: int, device,
                   rope_dtype: torch.dtype = torch.float32) -> dict:
-        """Views, RoPE tables, masks and memory schedule of every chunk of an ``n``-chunk clip."""
+        """Views, RoPE tables, masks and memory schedule of every chunk of an ``n``-chunk clip (cached)."""
+        key = (layout, config, n, str(device), rope_dtype)
+        if key not in self._clip_plans:
+            self._clip_plans[key] = self._build_clip_plan(layout, config, n, device, rope_dtype)
+        return self._clip_plans[key]
+
+    def _build_clip_plan(self, layout, config, n, device, rope_dtype) -> dict:
         if config.memory and config.memory_mode != 'visionmix':
             raise ValueError("forward_clip trains the 'visionmix' memory mode (one feature map for training and "
                              f"inference), got memory_mode={config.memory_mode!r}")
@@ -230,8 +227,8 @@ class StreamingVideoDiT(nn.Module):
             ids[1, c, :len(hist) + 1] = torch.tensor(hist + [n + c])
             key_mask[c, :(len(hist) + 1) * T] = True
             pos = layout.frame_positions(c)
-            ck, sk = self.rope.cos_sin(pos + [0] * (L * f - len(pos)), h, w, dtype=rope_dtype)
-            cq, sq = self.rope.cos_sin(pos[-f:], h, w, dtype=rope_dtype)
+            ck, sk = self.rope.tables(pos + [0] * (L * f - len(pos)), h, w, dtype=rope_dtype)
+            cq, sq = self.rope.tables(pos[-f:], h, w, dtype=rope_dtype)
             cos_k.append(ck), sin_k.append(sk), cos_q.append(cq), sin_q.append(sq)
         absorbed = [layout.absorbed(c) for c in range(n)]
         memory = bool(config.memory and layout.bounded and any(absorbed))

@@ -42,7 +42,7 @@ class StreamingGenerator:
         self.chunk_shape = tuple(chunk_shape)
         self.sigmas = shifted_sigmas() if sigmas is None else sigmas
         self.device, self.dtype = device, dtype
-        self._graph = None
+        self._graph = self._static_noise = self._static_out = None
 
     @property
     def sigmas(self) -> Tensor:
@@ -126,7 +126,7 @@ class StreamingGenerator:
     def _graph_step(self, noises: Tensor) -> Tensor:
         """First steady call: one eager step on a side stream (warms caches and allocator). Second: capture, then
         replay; the state's clock is advanced here, since replays do not run Python."""
-        if not hasattr(self, '_static_noise'):
+        if self._static_noise is None:
             self._static_noise = noises.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -11,11 +11,15 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ...kernels.linear_attention import apply_rope
+
 __all__ = ['VideoRope']
 
 
 class VideoRope:
     """Rotary embedding over tokens in (frame, height, width) raster order."""
+
+    cache_size = 16
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         if head_dim % 2 or head_dim < 6:
@@ -28,8 +32,6 @@ class VideoRope:
         self._spatial = {}
         self._tables = OrderedDict()  # a few recent (positions, grid, device, dtype) tables, kept on the device
 
-    cache_size = 16
-
     def _spatial_angles(self, height: int, width: int) -> Tensor:
         key = (height, width)
         if key not in self._spatial:
@@ -38,37 +40,41 @@ class VideoRope:
             self._spatial[key] = torch.cat([hh.expand(height, width, -1), ww.expand(height, width, -1)], -1)
         return self._spatial[key]
 
-    def cos_sin(self, frame_positions: Sequence[int], height: int, width: int, device=None,
-                dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
-        """``cos, sin`` of shape ``[len(frame_positions) * height * width, head_dim // 2]``.
+    def tables(self, frame_positions: Sequence[int], height: int, width: int, device=None,
+               dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """``cos, sin`` ``[len(frame_positions) * height * width, head_dim]``, each angle repeated for its pair.
 
-        Tables are cached on the device, so a steady streaming step reuses them without host-to-device copies
-        (which a CUDA graph capture would refuse).
+        Cached on the device, so a steady streaming step reuses them without host-to-device copies (which a CUDA
+        graph capture would refuse).
         """
-        key = (tuple(int(p) for p in frame_positions), height, width, str(device), dtype)
+        positions = frame_positions if isinstance(frame_positions, tuple) else tuple(int(p) for p in frame_positions)
+        key = (positions, height, width, str(device), dtype)
         if key in self._tables:
             self._tables.move_to_end(key)
             return self._tables[key]
-        table = self._table(key[0], height, width, device, dtype)
+        frames = torch.as_tensor(positions, dtype=torch.float64)[:, None] * self.inv_freq[0]
+        spatial = self._spatial_angles(height, width).reshape(height * width, -1)
+        angles = torch.cat([frames[:, None, :].expand(-1, height * width, -1),
+                            spatial[None].expand(frames.shape[0], -1, -1)], -1).reshape(-1, self.head_dim // 2)
+        angles = angles.repeat_interleave(2, -1)
+        table = angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
         self._tables[key] = table
         if len(self._tables) > self.cache_size:
             self._tables.popitem(last=False)
         return table
 
-    def _table(self, frame_positions, height, width, device, dtype):
-        frames = torch.as_tensor(list(frame_positions), dtype=torch.float64)[:, None] * self.inv_freq[0]
-        spatial = self._spatial_angles(height, width).reshape(height * width, -1)
-        angles = torch.cat([frames[:, None, :].expand(-1, height * width, -1),
-                            spatial[None].expand(frames.shape[0], -1, -1)], -1).reshape(-1, self.head_dim // 2)
-        return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+    def cos_sin(self, frame_positions: Sequence[int], height: int, width: int, device=None,
+                dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """One angle per channel pair: ``cos, sin`` ``[len(frame_positions) * height * width, head_dim // 2]``."""
+        cos, sin = self.tables(frame_positions, height, width, device, dtype)
+        return cos[:, 0::2], sin[:, 0::2]
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate adjacent channel pairs of ``x`` ``[B, N, heads, head_dim]`` by per-token angles ``[N, D/2]``."""
+        """Rotate ``x`` ``[..., N, heads, head_dim]`` by :meth:`tables` ``[..., N, head_dim]`` (leading dims
+        broadcast), computing in the tables' precision and returning ``x``'s dtype."""
         acc = torch.promote_types(x.dtype, cos.dtype)
-        x1, x2 = x.to(acc).unflatten(-1, (-1, 2)).unbind(-1)
-        cos, sin = cos[:, None, :].to(acc), sin[:, None, :].to(acc)
-        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
+        return apply_rope(x.to(acc), cos.to(acc), sin.to(acc)).to(x.dtype)
 
     def apply(self, x: Tensor, frame_positions: Sequence[int], height: int, width: int) -> Tensor:
         """``x`` ``[B, len(frame_positions) * height * width, heads, head_dim]`` rotated at those positions."""
@@ -76,5 +82,4 @@ class VideoRope:
             raise ValueError(f"x holds {x.shape[1]} tokens, but {len(frame_positions)} frames of {height}x{width} "
                              f"tokens were given")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self.cos_sin(frame_positions, height, width, x.device, acc)
-        return self.rotate(x, cos, sin)
+        return self.rotate(x, *self.tables(frame_positions, height, width, x.device, acc))

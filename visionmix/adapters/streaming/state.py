@@ -56,6 +56,14 @@ class StreamState:
         self.layout, self.config, self.frame_hw, self.rope = layout, config, tuple(frame_hw), rope
         self.chunk = 0
         self.layers: List['LayerCache'] = []
+        self._view = (-1, 0, ())
+
+    def view(self) -> Tuple[int, Tuple[int, ...]]:
+        """``(chunks the current step attends to, itself included; their RoPE frame positions)``, once per chunk."""
+        if self._view[0] != self.chunk:
+            positions = tuple(self.layout.frame_positions(self.chunk))
+            self._view = (self.chunk, len(self.layout.history(self.chunk)) + 1, positions)
+        return self._view[1:]
 
     def add_layer(self, batch: int, heads: int, head_dim: int, value_dim: Optional[int] = None, dtype=None,
                   device=None) -> 'LayerCache':
@@ -65,8 +73,9 @@ class StreamState:
 
     def commit(self) -> None:
         """Keep the current chunk (the slots written by the last call, the clean pass) and move to the next."""
+        evicted = self.layout.evicted(self.chunk) is not None
         for layer in self.layers:
-            layer.commit()
+            layer.commit(evicted)
         self.chunk += 1
 
     def reset(self) -> None:
@@ -126,15 +135,14 @@ class LayerCache:
         Returns the window attention output, the raw memory readout (or None) and a 0/1 scalar telling whether the
         memory holds anything (multiply the projected readout by it; no host sync).
         """
-        layout, cfg, chunk = self.stream.layout, self.stream.config, self.stream.chunk
+        layout, cfg = self.stream.layout, self.stream.config
         T = layout.chunk_tokens
         if q.shape[1] != T or k.shape[1] != T:
             raise ValueError(f"a streaming step takes one chunk of {T} tokens, got q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)}")
-        n = len(layout.history(chunk)) + 1
+        n, positions = self.stream.view()
         self.k[:, (n - 1) * T:n * T].copy_(k)
         self.v[:, (n - 1) * T:n * T].copy_(v)
-        positions = layout.frame_positions(chunk)
         keys = self._rotate(self.k[:, :n * T], positions)
         q_rot = self._rotate(q, positions[-layout.frames_per_chunk:])
         out = window_attention(q_rot, keys, self.v[:, :n * T], None, cfg.sparsity_ratio, cfg.block_size, cfg.backend)
@@ -146,7 +154,8 @@ class LayerCache:
             mem = self.memory.read(self.phi(q), self.phi(q))
         return out, mem, (self.memory.count > 0).to(out.dtype)
 
-    def commit(self) -> None:
+    def commit(self, evicted: bool) -> None:
+        """Absorb and shift out the oldest window chunk when ``evicted`` (the stream decides once for all layers)."""
         layout, cfg, chunk = self.stream.layout, self.stream.config, self.stream.chunk
         T, f, S = layout.chunk_tokens, layout.frames_per_chunk, layout.sink_chunks
         if self.memory is not None and cfg.memory_mode == 'hybrid_forcing':
@@ -154,7 +163,7 @@ class LayerCache:
             if 0 <= sink < S:
                 k_sink = self._rotate(self.k[:, sink * T:(sink + 1) * T], range(sink * f, (sink + 1) * f))
                 self._absorb(k_sink, self.v[:, sink * T:(sink + 1) * T], chunk)
-        if layout.evicted(chunk) is None:
+        if not evicted:
             return  # warming up: the current chunk already sits where the next step expects its history
         a, b = S * T, (layout.history_chunks + 1) * T
         if self.memory is not None:

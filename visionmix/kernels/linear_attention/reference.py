@@ -51,9 +51,9 @@ def rotate_every_two(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding on adjacent channel pairs; ``x [B, N, H, D]``, ``cos/sin [N, D]`` (each angle repeated
-    for its pair)."""
-    return x * cos[:, None, :] + rotate_every_two(x) * sin[:, None, :]
+    """Rotary embedding on adjacent channel pairs; ``x [..., N, H, D]``, ``cos/sin [..., N, D]`` (each angle
+    repeated for its pair; leading dims broadcast, e.g. one table per view)."""
+    return x * cos.unsqueeze(-2) + rotate_every_two(x) * sin.unsqueeze(-2)
 
 
 def rala_key_weights(q_feat: Tensor, k_feat: Tensor, scale: float) -> Tensor:
